@@ -1,0 +1,130 @@
+"""Stage 03: supervised fine-tuning with LoRA (trl's SFTTrainer), loss on the completion only.
+
+Trains on train.jsonl in the model's chat template; every algorithm.eval_every_steps it generates on a slice of
+val.jsonl, scores it with the reward calculator (valid_samples/step_N.json) and keeps ckpt_sft/best by val
+reward; ckpt_sft/final is the last step. --resume continues an interrupted run from its last checkpoint.
+"""
+import json
+import logging
+from pathlib import Path
+
+import utils  # noqa: F401  (first: sets the threading environment before torch loads)
+from trl import SFTConfig, SFTTrainer
+
+from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
+from utils.finqa_data import hf_dataset, load_processed
+from utils.generation import settings_from_config
+from utils.models import configure_torch, count_parameters, load_model, load_tokenizer, lora_config, model_dtype, \
+    save_adapter
+from utils.runs import is_completed, stage_run, write_json_atomic
+from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
+from utils.training import trainer_arguments
+from utils.validation import JsonLogCallback, ValidationCallback
+
+FLAGS = (
+    ConfigFlag("--batch_size", "training.batch_size", int, "per-device batch size"),
+    ConfigFlag("--epochs", "algorithm.epochs", float, "passes over the training data"),
+    ConfigFlag("--learning_rate", "training.learning_rate", float, "peak learning rate"),
+    ConfigFlag("--max_steps", "algorithm.max_steps", int, "stop after this many optimizer steps (-1: epochs)"),
+)
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def main() -> int:
+    parser = stage_parser(__doc__, algo_config="configs/algorithms/sft.yaml", config_flags=FLAGS)
+    parser.add_argument("--skip_validation", action="store_true", help="no generation during training "
+                                                                      "(ckpt_sft/best is then the final model)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
+    args = parser.parse_args()
+    config = resolve_config(args)
+    algo, training = config["algorithm"], config["training"]
+    out_dir = stage_dir(args, config, "sft")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other")
+    if args.resume and is_completed(out_dir):
+        raise UsageError(f"{out_dir} is already completed; nothing to resume")
+    log = setup_logging()
+    device = configure_torch(config)
+
+    with stage_run("03_sft_train", out_dir, config, args.seed, overwrite=args.overwrite,
+                   keep_partial=args.resume) as run:
+        train_rows = load_processed(run.add_input("train", processed_split(config, "train")),
+                                    algo["max_train_examples"])
+        val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])
+        spec = reward_spec_path(args, config)
+        if spec:
+            run.add_input("reward_spec", spec)
+        tokenizer = load_tokenizer(config["model"]["path"])
+        model = load_model(config["model"]["path"], device=device, dtype=model_dtype(config, device))
+
+        ckpt_dir, trainer_dir = out_dir / "ckpt_sft", out_dir / "ckpt_sft" / "checkpoints"
+        best_file = ckpt_dir / "best" / "val_summary.json"
+
+        def save_best(model, summary):
+            save_adapter(model, tokenizer, ckpt_dir / "best", adapters=[])
+            write_json_atomic(best_file, summary)
+
+        callbacks = [JsonLogCallback(out_dir / "logs" / "training_log.json")]
+        validation = None
+        if not args.skip_validation:
+            best_reward = json.loads(best_file.read_text())["mean_reward"] if args.resume and best_file.is_file() else None
+            validation = ValidationCallback(tokenizer, val_rows, reward_calculator(spec),
+                                            settings_from_config(config, sampled=False),
+                                            out_dir / "valid_samples", algo["eval_every_steps"], args.seed,
+                                            on_best=save_best, best_reward=best_reward)
+            callbacks.append(validation)
+
+        sft_config = SFTConfig(**trainer_arguments(
+            config, out_dir, args.seed, device, tensorboard=algo["tensorboard"],
+            output_dir=str(trainer_dir),
+            num_train_epochs=algo["epochs"],
+            max_steps=algo["max_steps"],
+            lr_scheduler_type=algo["lr_scheduler_type"],
+            warmup_steps=algo["warmup_ratio"],  # a float < 1 is a ratio of the steps
+            weight_decay=algo["weight_decay"],
+            max_grad_norm=algo["max_grad_norm"],
+            max_length=training["max_seq_length"],
+            completion_only_loss=True,
+            logging_steps=algo["logging_steps"],
+            save_strategy="steps",
+            save_steps=algo["save_every_steps"],
+            save_total_limit=algo["save_total_limit"],
+            include_num_input_tokens_seen=True,
+        ))
+        trainer = SFTTrainer(model=model, args=sft_config, processing_class=tokenizer,
+                             train_dataset=hf_dataset(train_rows, ["prompt", "completion"]),
+                             peft_config=lora_config(config), callbacks=callbacks)
+        resume_from = last_checkpoint(trainer_dir) if args.resume else None
+        if args.resume:
+            log.info("resuming from %s", resume_from or "the start (no checkpoint yet)")
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+        save_adapter(trainer.model, tokenizer, ckpt_dir / "final", adapters=[])
+        if validation is None:
+            save_adapter(trainer.model, tokenizer, ckpt_dir / "best", adapters=[])
+        run.add_output("ckpt_best", ckpt_dir / "best")
+        run.add_output("ckpt_final", ckpt_dir / "final")
+        run.add_output("training_log", out_dir / "logs" / "training_log.json")
+        run.add_output("valid_samples", out_dir / "valid_samples")
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        run.metrics.update({
+            "train_examples": len(train_rows), "steps": trainer.state.global_step,
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "parameters": count_parameters(trainer.model),
+            "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+        })
+        if validation is not None:
+            run.metrics["validation"] = validation.history
+            run.metrics["best_val_reward"] = validation.best_reward
+        log.info("SFT done: %d steps, final loss %s", trainer.state.global_step, run.metrics["final_loss"])
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

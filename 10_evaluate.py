@@ -1,0 +1,120 @@
+"""Stage 10: evaluate a checkpoint on test.jsonl with greedy decoding and FinQA's official metrics.
+
+Writes 10_evaluation/<label>/: metrics.json, breakdown.csv (one row per item with its failure reason),
+samples/predictions.jsonl, and predictions_official.json in FinQA's leaderboard format. The checkpoint is
+--policy_ckpt, or --base for the untrained model, or by default the one the label names in this run (sft ->
+03_sft/ckpt_sft/best, grpo -> 06_grpo/ckpt_grpo/final, ...). --predictions_jsonl re-scores saved predictions
+without loading a model.
+"""
+from pathlib import Path
+
+from utils.cli import UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, upstream_dir
+from utils.finqa_data import load_processed, read_jsonl, write_jsonl
+from utils.generation import GenerationStats, generate, settings_from_config
+from utils.metrics import aggregate, breakdown_frame, official_predictions, official_scores, score_items
+from utils.models import configure_torch, load_model, load_tokenizer, model_dtype
+from utils.runs import StageError, stage_run, write_json_atomic
+from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
+
+# label -> (stage, checkpoint inside its folder) evaluated when no --policy_ckpt is given
+LABEL_CHECKPOINTS = {"sft": ("sft", "ckpt_sft/best"), "ppo": ("ppo", "ckpt_ppo/final"),
+                     "grpo": ("grpo", "ckpt_grpo/final"), "rloo": ("rloo", "ckpt_rloo/final"),
+                     "dpo": ("dpo", "ckpt_dpo/final")}
+
+
+def checkpoint_for(args, config) -> Path | None:
+    if args.base:
+        return None
+    if args.policy_ckpt:
+        return Path(args.policy_ckpt)
+    if args.label not in LABEL_CHECKPOINTS:
+        raise UsageError(f"--label {args.label}: pass --policy_ckpt or --base (no default checkpoint for this label)")
+    stage, inside = LABEL_CHECKPOINTS[args.label]
+    return upstream_dir(args, config, stage) / inside
+
+
+def read_predictions(path: Path, rows: list[dict]) -> list[dict]:
+    """Saved predictions ({"id", "completion"} per line), in the order of rows; every row must have one."""
+    by_id = {}
+    for index, record in enumerate(read_jsonl(path), 1):
+        if not isinstance(record.get("id"), str) or not isinstance(record.get("completion"), str):
+            raise StageError(f"{path}:{index}: each line needs a string 'id' and 'completion'")
+        by_id[record["id"]] = record
+    missing = [row["id"] for row in rows if row["id"] not in by_id]
+    if missing:
+        raise StageError(f"{path}: no prediction for {len(missing)} example(s), e.g. {missing[0]}")
+    return [by_id[row["id"]] for row in rows]
+
+
+def main() -> int:
+    parser = stage_parser(__doc__)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--policy_ckpt", default=None, help="LoRA adapter or merged model folder to evaluate")
+    source.add_argument("--base", action="store_true", help="evaluate the untrained base model")
+    source.add_argument("--predictions_jsonl", default=None, help="re-score saved predictions (no model)")
+    parser.add_argument("--label", default=None, help="sub-folder name: base, sft, ppo, grpo, rloo, dpo, ...")
+    parser.add_argument("--split", default=None, help="processed split (default: evaluation.split)")
+    parser.add_argument("--max_examples", type=int, default=None, help="evaluate the first N examples only")
+    parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
+    args = parser.parse_args()
+    if args.label is None:
+        args.label = "base" if args.base else None
+    if not args.label:
+        raise UsageError("--label is required (e.g. --label sft)")
+    config = resolve_config(args)
+    split = args.split or config["evaluation"]["split"]
+    limit = args.max_examples or config["evaluation"]["max_examples"]
+    out_dir = stage_dir(args, config, "evaluation") / args.label if not args.output_dir else Path(args.output_dir)
+    log = setup_logging()
+
+    with stage_run("10_evaluate", out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
+        rows = load_processed(run.add_input(split, processed_split(config, split)), limit)
+        spec = reward_spec_path(args, config)
+        if spec:
+            run.add_input("reward_spec", spec)
+        run.extra.update({"label": args.label, "split": split})
+
+        if args.predictions_jsonl:
+            predictions = read_predictions(run.add_input("predictions", args.predictions_jsonl), rows)
+            run.extra["checkpoint"] = None
+        else:
+            ckpt = checkpoint_for(args, config)
+            if ckpt is not None:
+                run.add_input("checkpoint", ckpt)
+            run.extra["checkpoint"] = str(ckpt) if ckpt else "base"
+            device = configure_torch(config)
+            tokenizer = load_tokenizer(config["model"]["path"])
+            model = load_model(config["model"]["path"], ckpt, device, model_dtype(config, device))
+            stats = GenerationStats()
+            generations = generate(model, tokenizer, [row["prompt"] for row in rows],
+                                   settings_from_config(config, sampled=False), desc=f"evaluating {args.label}",
+                                   seed=args.seed, stats=stats)
+            predictions = [{"id": row["id"], "completion": group[0].text, "n_tokens": group[0].n_tokens,
+                            "finish_reason": group[0].finish_reason} for row, group in zip(rows, generations)]
+            run.metrics["generation"] = {"seconds": round(stats.seconds, 2), "tokens": stats.n_generated_tokens,
+                                         "tokens_per_second": round(stats.tokens_per_second, 2),
+                                         "examples_per_second": round(len(rows) / max(stats.seconds, 1e-9), 3)}
+
+        records = score_items(rows, predictions, reward_calculator(spec))
+        metrics = aggregate(records)
+        official = official_predictions(records)
+        recheck = official_scores(official, rows)
+        if recheck["execution_accuracy"] != metrics["execution_accuracy"] or \
+                recheck["program_accuracy"] != metrics["program_accuracy"]:
+            raise StageError(f"official-format re-scoring disagrees: {recheck} vs metrics.json "
+                             f"{metrics['execution_accuracy']}/{metrics['program_accuracy']}")
+        metrics.update({"label": args.label, "split": split, "official_recheck": recheck})
+
+        write_json_atomic(run.add_output("metrics", out_dir / "metrics.json"), metrics)
+        breakdown_frame(records).to_csv(run.add_output("breakdown", out_dir / "breakdown.csv"), index=False)
+        write_jsonl(run.add_output("predictions", out_dir / "samples" / "predictions.jsonl"), predictions)
+        write_json_atomic(run.add_output("predictions_official", out_dir / "predictions_official.json"), official)
+        run.metrics.update({k: v for k, v in metrics.items() if k not in ("official_recheck",)})
+        log.info("%s on %s (%d): exec acc %.3f, prog acc %.3f, format %.3f, mean reward %.3f", args.label, split,
+                 metrics["n_examples"], metrics["execution_accuracy"], metrics["program_accuracy"],
+                 metrics["format_compliance"], metrics["mean_reward"])
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

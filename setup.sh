@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything FinQA-RL needs. Safe to re-run: it only installs what is missing.
+#
+#   bash setup.sh                    # auto: CUDA torch where `nvidia-smi` works, CPU torch elsewhere
+#   TORCH_BUILD=cpu bash setup.sh    # force a build: auto | cpu | cuda
+#   PYTHON=python3.12 bash setup.sh  # pick the interpreter the venv is made from (3.10 or newer)
+#
+# Which torch build, and why:
+#   * GPU machine: `pip install torch==2.13.0` -- PyPI's Linux wheel is the CUDA build.
+#   * CPU machine: PyPI's Linux wheel is also the CUDA build (several GB of CUDA libraries that a CPU never
+#     uses), so we ask for `torch==2.13.0+cpu`, looking in PyTorch's CPU index when it can be reached, and in
+#     whatever pip is configured with otherwise (a local wheel folder / mirror, e.g. pip's find-links).
+#     Only if no CPU build can be found anywhere do we fall back to the plain PyPI wheel: it runs on CPU too.
+# Everything else comes from requirements.txt; torch==2.13.0 there is satisfied by either build.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+TORCH_VERSION="2.13.0"
+TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
+PYTHON="${PYTHON:-python3}"
+TORCH_BUILD="${TORCH_BUILD:-auto}"
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "'$PYTHON' not found; install Python 3.10+ or set PYTHON=/path/to/python3"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+    || die "$("$PYTHON" --version 2>&1) is too old; FinQA-RL needs Python 3.10 or newer (set PYTHON=...)"
+
+# 1. the virtual environment
+if [[ -x .venv/bin/python ]]; then
+    say "using existing .venv ($(.venv/bin/python --version 2>&1))"
+else
+    say "creating .venv with $("$PYTHON" --version 2>&1)"
+    "$PYTHON" -m venv .venv || die "could not create .venv (on Debian/Ubuntu: apt-get install python3-venv)"
+fi
+PY=.venv/bin/python
+PIP=(.venv/bin/python -m pip)
+
+say "upgrading pip"
+"${PIP[@]}" install --quiet --upgrade pip
+
+# 2. torch, before anything that depends on it
+case "$TORCH_BUILD" in
+    auto)
+        if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then TORCH_BUILD=cuda; else TORCH_BUILD=cpu; fi
+        say "GPU check: nvidia-smi $([[ $TORCH_BUILD == cuda ]] && echo works || echo 'not available') -> $TORCH_BUILD build of torch"
+        ;;
+    cpu|cuda) say "TORCH_BUILD=$TORCH_BUILD (set by you)" ;;
+    *) die "TORCH_BUILD must be auto, cpu or cuda (got '$TORCH_BUILD')" ;;
+esac
+
+installed_torch="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+if [[ "${installed_torch%%+*}" == "$TORCH_VERSION" ]]; then
+    say "torch $installed_torch already installed, keeping it (to switch builds: .venv/bin/pip uninstall -y torch, re-run)"
+elif [[ $TORCH_BUILD == cuda ]]; then
+    say "installing torch==$TORCH_VERSION (CUDA build, PyPI)"
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
+else
+    extra=()
+    if curl -fsSI -m 15 "$TORCH_CPU_INDEX/torch/" >/dev/null 2>&1; then
+        extra=(--extra-index-url "$TORCH_CPU_INDEX")
+        say "installing torch==$TORCH_VERSION+cpu (PyTorch CPU index)"
+    else
+        say "PyTorch's CPU index is not reachable; looking for torch==$TORCH_VERSION+cpu where pip is configured to look"
+    fi
+    if ! "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" "${extra[@]}"; then
+        say "no CPU build of torch $TORCH_VERSION found; installing PyPI's default wheel (a CUDA build, works on CPU, larger download)"
+        "${PIP[@]}" install "torch==$TORCH_VERSION"
+    fi
+fi
+
+# 3. everything else
+say "installing requirements.txt"
+"${PIP[@]}" install -r requirements.txt
+
+"$PY" - <<'PY'
+import torch, transformers, trl, peft
+cuda = torch.version.cuda
+print(f"[setup] torch {torch.__version__} (CUDA {cuda or 'none'}; GPU available: {torch.cuda.is_available()}), "
+      f"transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}")
+if cuda and not torch.cuda.is_available():
+    print("[setup] note: this is a CUDA build of torch on a machine without a usable GPU; it runs on CPU. "
+          "For the smaller CPU build: .venv/bin/pip uninstall -y torch && TORCH_BUILD=cpu bash setup.sh")
+PY
+say "done. Next: source activate.sh && bash download.sh"

@@ -1,0 +1,86 @@
+"""Config loading/overrides and run folders/manifests."""
+import json
+
+import pytest
+
+from conftest import REPO
+from utils.config import ConfigError, load_config
+from utils.runs import StageError, is_completed, prepare_stage_dir, read_manifest, sha256_path, stage_run
+
+MODEL = REPO / "configs" / "models" / "smollm2-135m.yaml"
+SFT = REPO / "configs" / "algorithms" / "sft.yaml"
+
+
+def test_overrides_keep_types_and_reject_unknown_keys():
+    config = load_config(MODEL, SFT, overrides=["training.batch_size=8", "algorithm.epochs=1",
+                                                "training.learning_rate=1e-4"])
+    assert config["training"]["batch_size"] == 8
+    assert config["algorithm"]["epochs"] == 1
+    assert config["training"]["learning_rate"] == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="training.batchsize"):
+        load_config(MODEL, overrides=["training.batchsize=8"])
+    with pytest.raises(ConfigError, match="training.batch_size.*expects int"):
+        load_config(MODEL, overrides=["training.batch_size=lots"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(MODEL, overrides=["training.batch_size"])
+
+
+def test_named_flags_and_quick_test_overlay():
+    full = load_config(MODEL, SFT)
+    quick = load_config(MODEL, SFT, quick_test=True, named={"training.learning_rate": 3e-4})
+    assert quick["algorithm"]["max_steps"] > 0 and full["algorithm"]["max_steps"] == -1
+    assert quick["evaluation"]["max_examples"] and full["evaluation"]["max_examples"] is None
+    assert quick["training"]["learning_rate"] == 3e-4
+    assert "quick_test" not in quick and "quick_test" not in quick["algorithm"]
+
+
+def test_bad_config_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("model: {path: x}\n")
+    with pytest.raises(ConfigError, match="partial.yaml: missing section"):
+        load_config(partial)
+
+
+def test_manifest_lifecycle_and_no_silent_overwrite(tmp_path):
+    folder = tmp_path / "stage"
+    with stage_run("demo", folder, {"a": 1}, seed=7) as run:
+        assert read_manifest(folder)["status"] == "running"
+        (folder / "out.txt").write_text("result")
+        run.add_output("out", folder / "out.txt")
+        run.metrics["score"] = 0.5
+    manifest = read_manifest(folder)
+    assert manifest["status"] == "completed" and manifest["seed"] == 7 and manifest["metrics"]["score"] == 0.5
+    assert manifest["environment"]["torch"] and manifest["duration_s"] >= 0
+    assert (folder / "logs" / "stage.log").is_file()
+    with pytest.raises(StageError, match="already holds a completed stage"):
+        prepare_stage_dir(folder, overwrite=False)
+    assert (folder / "out.txt").read_text() == "result"
+    prepare_stage_dir(folder, overwrite=True)
+    assert not (folder / "out.txt").exists()
+
+
+def test_failed_stage_records_the_error(tmp_path):
+    folder = tmp_path / "stage"
+    with pytest.raises(ValueError):
+        with stage_run("demo", folder, {}, seed=1):
+            raise ValueError("boom")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "boom" in manifest["error"]
+    assert not is_completed(folder)
+    prepare_stage_dir(folder, overwrite=False)  # an unfinished stage may be redone
+
+
+def test_sha256_of_folders_changes_with_content(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("1")
+    first = sha256_path(tmp_path / "d")
+    (tmp_path / "d" / "a.txt").write_text("2")
+    assert sha256_path(tmp_path / "d") != first
+    with pytest.raises(StageError):
+        sha256_path(tmp_path / "missing")

@@ -1,0 +1,256 @@
+"""Run folders and stage manifests (DESIGN.md: "Stages and their folders").
+
+Every stage writes outputs/<run_id>/<stage folder>/manifest.json: status running -> completed | failed, times,
+command line, resolved config, seed, inputs with sha256, outputs, headline metrics and the environment.
+Manifests are written atomically (temp file + rename), so a reader never sees half a manifest, and a folder
+whose manifest does not say completed is not a finished stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+STAGE_FOLDERS = {
+    "check_data": "00_data_validation",
+    "prepare": "01_preprocessing",
+    "rewards": "02_rewards",
+    "sft": "03_sft",
+    "candidates": "04_candidates",
+    "ppo": "05_ppo",
+    "grpo": "06_grpo",
+    "rloo": "07_rloo",
+    "preferences": "08_preferences",
+    "dpo": "09_dpo",
+    "evaluation": "10_evaluation",
+    "comparison": "11_comparison",
+}
+MANIFEST = "manifest.json"
+
+
+class StageError(RuntimeError):
+    """A problem with a stage's inputs or outputs, reported as one line."""
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle, indent=2, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder (its files' relative paths and hashes, in order)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise StageError(f"input not found: {path}")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment_info() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "git_commit": git_commit()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "unknown")
+        except ImportError:
+            info[name] = None
+    try:
+        import torch
+        if torch.cuda.is_available():
+            info["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
+        else:
+            info["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    except ImportError:
+        info["device"] = "cpu"
+    return info
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_completed(stage_dir: str | Path) -> bool:
+    manifest = read_manifest(stage_dir)
+    return bool(manifest) and manifest.get("status") == "completed"
+
+
+def run_root(run_id: str, outputs_dir: str | Path = "outputs") -> Path:
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise StageError(f"--run_id must be a plain folder name, got '{run_id}'")
+    return Path(outputs_dir) / run_id
+
+
+def require_completed(stage_dir: str | Path, hint: str) -> dict:
+    """The manifest of a finished upstream stage, or a one-line error saying what to run."""
+    manifest = read_manifest(stage_dir)
+    if not manifest or manifest.get("status") != "completed":
+        raise StageError(f"{stage_dir} is not a completed stage ({hint})")
+    return manifest
+
+
+@dataclass
+class StageRun:
+    """One execution of a stage: owns its folder and its manifest."""
+
+    stage: str
+    dir: Path
+    config: dict
+    seed: int
+    inputs: dict[str, dict] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    start_time: str = field(default_factory=now_iso)
+
+    def add_input(self, name: str, path: str | Path) -> Path:
+        path = Path(path)
+        self.inputs[name] = {"path": str(path), "sha256": sha256_path(path)}
+        return path
+
+    def add_output(self, name: str, path: str | Path) -> Path:
+        self.outputs[name] = str(path)
+        return Path(path)
+
+    def _manifest(self, status: str, error: str | None = None) -> dict:
+        manifest = {
+            "stage": self.stage,
+            "status": status,
+            "start_time": self.start_time,
+            "end_time": None if status == "running" else now_iso(),
+            "duration_s": None if status == "running" else round(time.time() - self.started, 2),
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "seed": self.seed,
+            "config": self.config,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+            "environment": environment_info(),
+            **self.extra,
+        }
+        if error:
+            manifest["error"] = error
+        return manifest
+
+    def write(self, status: str, error: str | None = None) -> None:
+        write_json_atomic(self.dir / MANIFEST, self._manifest(status, error))
+
+
+def prepare_stage_dir(stage_dir: str | Path, overwrite: bool, keep_partial: bool = True) -> Path:
+    """Make a stage folder ready; a completed stage is never overwritten unless asked to.
+
+    A folder without a completed manifest is an unfinished stage: its contents are kept when keep_partial
+    (so a stage can resume from its checkpoints) and cleared otherwise.
+    """
+    stage_dir = Path(stage_dir)
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        if is_completed(stage_dir) and not overwrite:
+            raise StageError(f"{stage_dir} already holds a completed stage; pass --overwrite to replace it, "
+                             f"or choose another --run_id / --output_dir")
+        if overwrite or not keep_partial:
+            shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return stage_dir
+
+
+class stage_run:
+    """Context manager: manifest 'running' on entry, 'completed' or 'failed' (with the error) on exit."""
+
+    def __init__(self, stage: str, stage_dir: str | Path, config: dict, seed: int, overwrite: bool = False,
+                 keep_partial: bool = True):
+        self.run = StageRun(stage=stage, dir=prepare_stage_dir(stage_dir, overwrite, keep_partial),
+                            config=config, seed=seed)
+
+    def __enter__(self) -> StageRun:
+        self.run.write("running")
+        # Everything the stage logs also goes to <stage>/logs/stage.log.
+        log_file = self.run.dir / "logs" / "stage.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_handler = logging.FileHandler(log_file)
+        self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(self.log_handler)
+        return self.run
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.run.write("completed")
+        else:
+            detail = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+            logging.getLogger("finqa_rl").error("stage failed: %s", detail)
+            self.run.write("failed", error=detail)
+        logging.getLogger().removeHandler(self.log_handler)
+        self.log_handler.close()
+        return False

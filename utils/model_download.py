@@ -18,7 +18,6 @@ is what download.sh runs. A complete destination folder is left alone, so re-run
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ import time
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from utils.runs import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,14 +51,6 @@ class ModelDownloadError(RuntimeError):
 
 def _log(msg: str) -> None:
     print(f"[model] {msg}", flush=True)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_complete_model_dir(path: str | os.PathLike) -> bool:

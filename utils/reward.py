@@ -11,8 +11,8 @@ Components of a RewardResult:
 - numeric_match: exec_match, or both numbers and |result - exe_ans| <= numeric_tolerance * |exe_ans|
   (|result| <= ZERO_TOLERANCE when exe_ans is 0). A yes/no answer matches only exactly;
 - program_match: FinQA's program accuracy (symbolically equivalent to the gold program AND exec_match);
-- partial_program: the fraction of the gold program's steps (op, arg1, arg2; #refs compared literally) that
-  also occur in the predicted program, each predicted step used once (multiset);
+- partial_program: steps (op, arg1, arg2; #refs compared literally) shared by the gold and predicted programs,
+  each predicted step used once (multiset), over the longer program's step count (padding earns nothing);
 - scale_error: a wrong number that is exe_ans * 100 or exe_ans / 100 within the tolerance (35 vs 0.35);
 - failure_reason: "correct", "invalid_json", "invalid_program", "scale_error" or "wrong_value".
 
@@ -39,7 +39,7 @@ ZERO_TOLERANCE = 1e-6  # absolute tolerance for numeric_match when exe_ans is 0 
 COMPONENTS = ("exact", "numeric", "partial_program", "format")
 FAILURE_REASONS = ("correct", "invalid_json", "invalid_program", "scale_error", "wrong_value")
 TOTAL_RULE = ("format not ok -> format_violation; else exec_match -> exact; else numeric_match -> numeric; "
-              "else partial_program * fraction of gold steps found in the prediction")
+              "else partial_program * shared steps / steps of the longer program")
 
 
 # ----------------------------------------------------------------------------------------------------------

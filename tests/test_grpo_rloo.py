@@ -1,0 +1,238 @@
+"""Stages 06 (GRPO) and 07 (RLOO) on the tiny model, the advantage estimators, and a toy task both methods learn."""
+import utils  # noqa: F401  (first: sets the threading environment before torch loads)
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_stage
+from safetensors.torch import load_file
+
+import utils.rl_trl as rl_trl
+from utils.config import load_config
+from utils.finqa_data import load_processed
+from utils.models import load_model, load_tokenizer, lora_config
+from utils.reward import COMPONENTS, RewardCalculator
+from utils.rl_trl import RewardRecorder, advantage_variance, leave_one_out_advantages, reinforce_advantages, \
+    summarize_advantage_variance
+from utils.runs import read_manifest
+
+BUDGET_KEYS = ("steps", "prompts_per_step", "num_generations", "completions_per_step", "total_completions",
+               "max_completion_length", "temperature", "top_p")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# estimators
+
+def test_leave_one_out_advantage_sign_and_sum():
+    rewards = [1.0, 0.0, 0.0, 0.5, -0.2, -0.2, -0.2, -0.2, 0.8, 1.0, -0.2, 0.3]
+    advantages = leave_one_out_advantages(rewards, 4).reshape(-1, 4)
+    grouped = np.asarray(rewards).reshape(-1, 4)
+    np.testing.assert_allclose(advantages.sum(axis=1), 0.0, atol=1e-12)  # sums to zero per group
+    above = grouped > grouped.mean(axis=1, keepdims=True)
+    below = grouped < grouped.mean(axis=1, keepdims=True)
+    assert (advantages[above] > 0).all() and (advantages[below] < 0).all()
+    np.testing.assert_allclose(advantages[1], 0.0, atol=1e-12)  # a group that all scored alike teaches nothing
+    # A_i = r_i - mean of the others = K/(K-1) (r_i - group mean)
+    np.testing.assert_allclose(advantages[0, 0], 1.0 - (0.0 + 0.0 + 0.5) / 3)
+    np.testing.assert_allclose(advantages, 4 / 3 * (grouped - grouped.mean(axis=1, keepdims=True)), atol=1e-12)
+    with pytest.raises(ValueError):
+        leave_one_out_advantages([1.0, 2.0, 3.0], 2)
+    with pytest.raises(ValueError):
+        leave_one_out_advantages([1.0, 2.0], 1)
+
+
+def test_reinforce_and_variance_comparison():
+    rewards = [0.8, 1.0, 0.8, 1.0, 0.9, 0.7, 0.9, 0.7]  # a common offset: a baseline removes it
+    np.testing.assert_array_equal(reinforce_advantages(rewards), rewards)
+    stats = advantage_variance(rewards, 4)
+    assert stats["loo"]["mean"] == pytest.approx(0.0)
+    assert stats["reinforce"]["mean_square"] == pytest.approx(np.mean(np.square(rewards)))
+    assert stats["loo"]["mean_square"] < stats["reinforce"]["mean_square"]
+    summary = summarize_advantage_variance([stats, advantage_variance([-0.2] * 8, 4)])
+    assert summary["n_steps"] == 2 and summary["steps_loo_lower_mean_square"] == 2
+    assert summary["mean_square_ratio_loo_over_reinforce"] < 1
+
+
+def test_recorder_sums_components_per_group():
+    def part(index):
+        def reward(completions, **kwargs):
+            return [float(index + i) for i in range(len(completions))]
+        reward.__name__ = f"reward_part{index}"
+        return reward
+
+    recorder = RewardRecorder([part(0), part(1)], group_size=2)
+    assert [f.__name__ for f in recorder.functions] == ["reward_part0", "reward_part1"]
+    kwargs = {"id": ["a", "a", "b", "b"], "completion_ids": [[1, 2], [3], [4, 5, 6], []]}
+    for function in recorder.functions:
+        function(["x"] * 4, **kwargs)
+    (batch,) = recorder.batches
+    assert batch["rewards"] == [[1.0, 3.0], [5.0, 7.0]] and batch["ids"] == ["a", "b"]
+    assert batch["grouped_by_prompt"] and recorder.total_generated_tokens == 6 and recorder.total_completions == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stages
+
+class ShapedCalculator(RewardCalculator):
+    """The real calculator minus 0.001 per character. The tiny model never writes JSON, so every completion would
+    get the same format penalty, every group's advantages would be zero and nothing would train."""
+
+    def score(self, completion, gold_program, exe_ans, table):
+        result = super().score(completion, gold_program, exe_ans, table)
+        result.total -= 0.001 * len(completion)  # contributions() gives it to the rewarded component
+        return result
+
+
+@pytest.fixture
+def reward_calls(monkeypatch):
+    """Shape the stages' reward (see ShapedCalculator) and record what trl passes to the reward functions."""
+    calls = []
+    real = rl_trl.make_reward_functions
+
+    def spying(calculator):
+        functions = real(ShapedCalculator(calculator.weights))
+
+        def wrap(function):
+            def reward(completions, **kwargs):
+                values = function(completions, **kwargs)
+                calls.append({"name": function.__name__, "n": len(completions), "values": values, **{
+                    key: kwargs.get(key) for key in ("id", "target_program", "exe_ans", "table")}})
+                return values
+            reward.__name__ = function.__name__
+            return reward
+
+        return [wrap(function) for function in functions]
+
+    monkeypatch.setattr(rl_trl, "make_reward_functions", spying)
+    return calls
+
+
+def lora_b_norm(adapter_dir) -> float:
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    norms = [tensor.abs().sum().item() for name, tensor in weights.items() if "lora_B" in name]
+    assert norms
+    return sum(norms)
+
+
+def test_grpo_and_rloo_stages(run_stage, reward_calls):
+    run = run_stage
+    assert run("01_prepare_dataset.py") == 0
+    assert run("02_build_rewards.py") == 0
+    assert run("03_sft_train.py", "--quick_test", "--max_steps", "1", "--skip_validation") == 0
+    assert run("06_train_grpo.py", "--quick_test", "--beta", "0.1") == 0
+    grpo_calls = len(reward_calls)
+    assert run("07_train_rloo.py", "--quick_test", "--set", "algorithm.micro_batch_size=4") == 0
+    train = {row["id"]: row for row in load_processed(run.root / "processed" / "train.jsonl")}
+
+    manifests = {}
+    for method, folder in (("grpo", "06_grpo"), ("rloo", "07_rloo")):
+        out = run.stage_dir(folder)
+        manifest = manifests[method] = read_manifest(out)
+        assert manifest["status"] == "completed"
+        metrics = manifest["metrics"]
+        ckpt = out / f"ckpt_{method}"
+        for name in ("best", "final"):
+            assert (ckpt / name / "adapter_config.json").is_file()
+            sft = json.loads((ckpt / name / "base_adapters.json").read_text())["adapters"]
+            assert sft == [str(run.stage_dir("03_sft") / "ckpt_sft" / "best")]
+        assert lora_b_norm(ckpt / "final") > 0  # the new adapter trained (it starts at B = 0)
+
+        log = json.loads((out / "logs" / "training_log.json").read_text())
+        steps = [record for record in log if "reward" in record]
+        assert [record["step"] for record in steps] == [1, 2]
+        for key in (*rl_trl.LOG_KEYS, "kl", "clip_ratio/region_mean"):
+            assert all(key in record for record in steps), key
+        assert metrics["missing_log_keys"] == []
+        for record in steps:  # the components add up to the logged total
+            total = sum(record[f"rewards/reward_{name}/mean"] for name in COMPONENTS)
+            assert total == pytest.approx(record["reward"], abs=1e-5)
+
+        val = sorted((out / "val_generations").glob("step_*.json"))
+        assert [p.name for p in val] == ["step_0.json", "step_1.json", "step_2.json"]
+        assert json.loads(val[0].read_text())["summary"]["step"] == 0
+        assert [s["step"] for s in metrics["validation"]] == [0, 1, 2]
+        for key in ("initial_val_reward", "final_val_reward", "initial_val_parse_rate", "final_val_parse_rate",
+                    "final_kl", "wall_time_s", "total_generated_tokens"):
+            assert metrics[key] is not None, key
+        assert metrics["total_completions"] == metrics["budget"]["total_completions"] == 2 * 2 * 4
+        assert metrics["total_generated_tokens"] > 0
+    assert manifests["grpo"]["config"]["algorithm"]["beta"] == 0.1
+    assert manifests["rloo"]["config"]["algorithm"]["micro_batch_size"] == 4
+    # same default budget for both methods
+    assert {k: manifests["grpo"]["metrics"]["budget"][k] for k in BUDGET_KEYS} == \
+           {k: manifests["rloo"]["metrics"]["budget"][k] for k in BUDGET_KEYS}
+
+    # the reward functions got the gold fields of the prompts they scored, each prompt's completions together
+    assert {call["name"] for call in reward_calls} == {f"reward_{name}" for name in COMPONENTS}
+    assert len(reward_calls) == 2 * 2 * len(COMPONENTS) and grpo_calls == 2 * len(COMPONENTS)
+    for call in reward_calls:
+        assert call["n"] == 8 and len(set(call["id"][:4])) == 1 and len(set(call["id"][4:])) == 1
+        for example_id, program, exe_ans, table in zip(call["id"], call["target_program"], call["exe_ans"],
+                                                       call["table"]):
+            row = train[example_id]
+            assert program == row["target_program"] and exe_ans == str(row["exe_ans"]) and table == row["table"]
+
+    variance = json.loads((run.stage_dir("07_rloo") / "logs" / "advantage_variance.json").read_text())
+    assert [s["step"] for s in variance["steps"]] == [1, 2]
+    assert all(s["grouped_by_prompt"] and s["n_groups"] == 2 for s in variance["steps"])
+    assert manifests["rloo"]["metrics"]["advantage_variance"]["n_steps"] == 2
+    for step in variance["steps"]:
+        np.testing.assert_allclose(leave_one_out_advantages(step["rewards"], 4).reshape(2, 4).sum(1), 0, atol=1e-9)
+
+    for label in ("grpo", "rloo"):
+        assert run("10_evaluate.py", "--label", label, "--quick_test") == 0
+        evaluation = read_manifest(run.stage_dir("10_evaluation") / label)
+        assert evaluation["checkpoint"].endswith(f"ckpt_{label}/final")
+
+
+def test_stage_rejects_bad_input(run_stage, tmp_path, capsys):
+    assert run_stage("06_train_grpo.py", "--quick_test", "--num_generations", "1") == 1
+    assert "num_generations must be >= 2" in capsys.readouterr().err
+    not_adapter = tmp_path / "merged"
+    not_adapter.mkdir()
+    assert run_stage("01_prepare_dataset.py") == 0
+    assert run_stage("07_train_rloo.py", "--quick_test", "--policy_ckpt", str(not_adapter)) == 1
+    assert "expected a LoRA adapter folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a toy task: both methods must raise the reward
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_toy_task_reward_rises(tiny_model_dir, tmp_path, method):
+    """Reward: the fraction of generated tokens from a fixed half of the vocabulary (those whose embedding has a
+    positive first coordinate, so one direction of the hidden state favours them all). The fixture's embeddings are
+    scaled up so that a LoRA adapter can move the output distribution at all."""
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings.mul_(10.0)
+        good = set((embeddings[:, 0] > 0).nonzero().view(-1).tolist())
+
+    def reward_good(completions, completion_ids, **kwargs):
+        return [sum(token in good for token in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    config = load_config("configs/models/smollm2-135m.yaml", f"configs/algorithms/{method}.yaml", True, [
+        f"model.path={tiny_model_dir}", "algorithm.steps=25", "algorithm.prompts_per_step=4",
+        "algorithm.num_generations=8", "algorithm.max_completion_length=8", "algorithm.learning_rate=0.02",
+        "algorithm.beta=0.0", "algorithm.temperature=1.0", "algorithm.top_p=1.0", "algorithm.micro_batch_size=32"])
+    stage = {"grpo": "06_train_grpo.py", "rloo": "07_train_rloo.py"}[method]
+    spec = getattr(load_stage(stage), method.upper())  # the stage's own RLMethod
+    recorder = RewardRecorder([reward_good], group_size=8)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"say {i}"}], "id": str(i)}
+                                 for i in range(16)])
+    trainer = rl_trl.make_trainer(spec, model, tokenizer, dataset, recorder.functions,
+                                  rl_trl.trl_arguments(spec, config, tmp_path, 0, torch.device("cpu")),
+                                  peft_config=lora_config(config))
+    trainer.train()
+    rewards = [record["reward"] for record in trainer.state.log_history if "reward" in record]
+    assert len(rewards) == 25
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:3]) + 0.2, rewards
+    # rewards sit around 0.5 and above: the leave-one-out baseline removes that offset
+    summary = recorder.advantage_variance()["summary"]
+    assert summary["mean_square_ratio_loo_over_reinforce"] < 1

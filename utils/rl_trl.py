@@ -1,0 +1,394 @@
+"""Critic-free RL with trl (GRPO and RLOO): everything 06_train_grpo.py and 07_train_rloo.py share.
+
+Design
+------
+- Policy: the SFT model with its LoRA merged in (utils.models.merged_policy_base); the trainer adds one new LoRA
+  adapter (peft_config = utils.models.lora_config), the only thing that trains. With beta > 0 the reference
+  policy is the same model with that adapter disabled, i.e. exactly the SFT model (trl does this for a new
+  adapter), so there is no second copy of the weights.
+- Reward: the project's one calculator, split into its components (utils.reward.make_reward_functions), one trl
+  reward function each with reward_weights all 1.0, so trl's total is the calculator's total and every component
+  is logged (rewards/reward_<component>/mean and /std). The functions get the dataset's gold columns
+  (target_program, exe_ans, table) and the example id as keyword arguments.
+- Budget: each optimizer step samples num_generations completions for each of prompts_per_step train prompts
+  (trl's generation_batch_size = their product; one generation per step, so the update is on-policy) and
+  back-propagates them micro_batch_size at a time (gradient accumulation). Both methods read the same keys, so
+  their defaults spend the same budget; the manifest records it, with the tokens actually generated.
+- Validation: greedy decoding on a slice of val.jsonl (utils.validation.ValidationCallback), at step 0 (the SFT
+  starting point: the new adapter is still zero) and every eval_every_steps; ckpt_<method>/best is the best of
+  these by mean reward, ckpt_<method>/final the last step. Both are adapters saved with utils.models.save_adapter,
+  listing the SFT adapter beneath them, so utils.models.load_model (and 10_evaluate.py) rebuilds the policy.
+- Advantage estimators: RewardRecorder keeps each step's rewards exactly as the reward functions return them
+  (trl passes the num_generations completions of a prompt consecutively), so the leave-one-out baseline and plain
+  REINFORCE (no baseline) can be compared on the same rollouts (07 writes logs/advantage_variance.json).
+
+trl 1.16 specifics: GRPO adds beta * KL (the k3 estimator, per token) to the loss and normalises rewards within
+each group (scale_rewards); RLOO subtracts beta * KL (the k1 estimator summed over the completion) from the reward
+before the leave-one-out baseline, and its loss is per sequence. The logged `kl` is the per-token mean of the
+respective estimator. With num_iterations 1 the probability ratio is exactly 1, so epsilon (clipping) only acts
+when num_iterations > 1.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.cli import ConfigFlag, resolve_config, setup_logging, stage_dir, stage_parser
+from utils.config import ConfigError
+from utils.finqa_data import hf_dataset, load_processed
+from utils.generation import settings_from_config
+from utils.models import configure_torch, count_parameters, is_adapter, load_tokenizer, lora_config, \
+    merged_policy_base, model_dtype, save_adapter
+from utils.reward import COMPONENTS, make_reward_functions
+from utils.runs import StageError, stage_run, write_json_atomic
+from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_checkpoint
+from utils.training import trainer_arguments
+from utils.validation import JsonLogCallback, ValidationCallback
+
+log = logging.getLogger("finqa_rl")
+
+DATASET_COLUMNS = ["prompt", "target_program", "exe_ans", "table", "id"]
+COMMON_FLAGS = (
+    ConfigFlag("--steps", "algorithm.steps", int, "optimizer steps (one rollout batch each)"),
+    ConfigFlag("--prompts_per_step", "algorithm.prompts_per_step", int, "train prompts sampled per step"),
+    ConfigFlag("--num_generations", "algorithm.num_generations", int, "completions per prompt (group size)"),
+    ConfigFlag("--learning_rate", "algorithm.learning_rate", float, "AdamW learning rate on the LoRA adapter"),
+    ConfigFlag("--beta", "algorithm.beta", float, "KL coefficient towards the SFT model (0: no reference)"),
+)
+# what trl 1.16 logs every step (logging_steps 1) and training_log.json must hold
+LOG_KEYS = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "entropy",
+            "completions/mean_length", "completions/clipped_ratio",
+            *(f"rewards/reward_{name}/{stat}" for name in COMPONENTS for stat in ("mean", "std")))
+# algorithm keys trl's GRPOConfig and RLOOConfig take under the same name
+TRL_KEYS = ("learning_rate", "lr_scheduler_type", "max_grad_norm", "beta", "epsilon", "num_iterations",
+            "mask_truncated_completions", "disable_dropout", "logging_steps")
+CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # GRPO loss types that log clip_ratio/*
+
+
+@dataclass(frozen=True)
+class RLMethod:
+    """One critic-free method: its names and what its stage adds to the shared code."""
+
+    name: str                     # STAGE_FOLDERS key, configs/algorithms/<name>.yaml, ckpt_<name>/
+    stage: str                    # manifest stage name, e.g. 06_train_grpo
+    trainer_class: str            # trl class names
+    config_class: str
+    flags: tuple = ()             # named flags beyond COMMON_FLAGS
+    method_keys: tuple = ()       # algorithm keys passed to the trl config unchanged
+    advantage_variance: bool = False  # write logs/advantage_variance.json (LOO vs REINFORCE on the same rollouts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# advantage estimators (on the rewards of one step, grouped by prompt)
+
+def _grouped(rewards, group_size: int) -> np.ndarray:
+    values = np.asarray(rewards, dtype=float).reshape(-1)
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2, got {group_size}")
+    if values.size % group_size:
+        raise ValueError(f"{values.size} rewards do not split into groups of {group_size}")
+    return values.reshape(-1, group_size)
+
+
+def leave_one_out_advantages(rewards, group_size: int) -> np.ndarray:
+    """RLOO: each completion's reward minus the mean reward of the other completions of its prompt.
+
+    rewards: flat, the group_size completions of a prompt consecutive (trl's order). Each group's advantages sum
+    to zero, and equal group_size / (group_size - 1) * (reward - group mean)."""
+    grouped = _grouped(rewards, group_size)
+    baseline = (grouped.sum(axis=1, keepdims=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def reinforce_advantages(rewards) -> np.ndarray:
+    """Plain REINFORCE: the reward itself, no baseline."""
+    return np.asarray(rewards, dtype=float).reshape(-1).copy()
+
+
+def estimator_stats(advantages) -> dict:
+    """The spread of an estimator's per-completion weights on one step's rollouts.
+
+    variance: around their mean; mean_square: E[A^2], which is what scales the policy-gradient estimator's variance
+    (sum_i A_i * grad log p_i): a constant offset in the rewards adds nothing to the variance of the weights but
+    makes the gradient estimate noisier, which is the point of a baseline."""
+    values = np.asarray(advantages, dtype=float)
+    return {"mean": float(values.mean()), "variance": float(values.var()), "mean_square": float((values ** 2).mean())}
+
+
+def advantage_variance(rewards, group_size: int) -> dict:
+    return {"loo": estimator_stats(leave_one_out_advantages(rewards, group_size)),
+            "reinforce": estimator_stats(reinforce_advantages(rewards))}
+
+
+def summarize_advantage_variance(steps: list[dict]) -> dict:
+    """Means over the steps, and how often the leave-one-out weights were the less spread ones."""
+    if not steps:
+        return {"n_steps": 0}
+    summary: dict = {"n_steps": len(steps)}
+    for stat in ("variance", "mean_square"):
+        loo = float(np.mean([s["loo"][stat] for s in steps]))
+        plain = float(np.mean([s["reinforce"][stat] for s in steps]))
+        summary[f"loo_mean_{stat}"] = loo
+        summary[f"reinforce_mean_{stat}"] = plain
+        summary[f"{stat}_ratio_loo_over_reinforce"] = loo / plain if plain > 0 else None
+        summary[f"steps_loo_lower_{stat}"] = sum(s["loo"][stat] < s["reinforce"][stat] for s in steps)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reward functions
+
+class RewardRecorder:
+    """Wraps trl reward functions that trl calls one after another on the same batch (the reward components) and
+    records, per batch, the total reward of each completion in trl's order, grouped by prompt, with the example
+    ids (to check the grouping) and the number of generated tokens. Names are kept, so trl logs them as before."""
+
+    def __init__(self, functions: list, group_size: int):
+        self.group_size = group_size
+        self.batches: list[dict] = []
+        self._parts: list[list[float]] = []
+        self.functions = [self._wrap(function) for function in functions]
+
+    def _wrap(self, function):
+        @functools.wraps(function)
+        def recorded(completions, **kwargs):
+            values = function(completions, **kwargs)
+            self._parts.append(list(values))
+            if len(self._parts) == len(self.functions):
+                self._record(kwargs)
+            return values
+
+        return recorded
+
+    def _record(self, kwargs: dict) -> None:
+        totals = [float(sum(parts)) for parts in zip(*self._parts, strict=True)]
+        self._parts = []
+        k = self.group_size
+        ids = list(kwargs.get("id") or [])
+        state = kwargs.get("trainer_state")
+        self.batches.append({
+            "step": state.global_step + 1 if state is not None else len(self.batches) + 1,
+            "rewards": [totals[i: i + k] for i in range(0, len(totals), k)],
+            "ids": ids[::k],
+            "grouped_by_prompt": bool(ids) and all(len(set(ids[i: i + k])) == 1 for i in range(0, len(ids), k)),
+            "n_completions": len(totals),
+            "n_generated_tokens": sum(len(ids_) for ids_ in kwargs.get("completion_ids") or []),
+        })
+
+    @property
+    def total_completions(self) -> int:
+        return sum(batch["n_completions"] for batch in self.batches)
+
+    @property
+    def total_generated_tokens(self) -> int:
+        return sum(batch["n_generated_tokens"] for batch in self.batches)
+
+    def advantage_variance(self) -> dict:
+        """Both estimators on each recorded step's rollouts (logs/advantage_variance.json)."""
+        steps = [{"step": batch["step"], "n_groups": len(batch["rewards"]), "rewards": batch["rewards"],
+                  "grouped_by_prompt": batch["grouped_by_prompt"],
+                  **advantage_variance(batch["rewards"], self.group_size)} for batch in self.batches]
+        return {
+            "group_size": self.group_size,
+            "definition": "per step, on the same rollouts: loo = reward - mean reward of the other completions of "
+                          "the prompt (RLOO); reinforce = reward (no baseline). variance is around the mean of the "
+                          "step's weights, mean_square is E[A^2] (it scales the policy-gradient variance). Rewards "
+                          "are the calculator's totals as the reward functions returned them (trl's RLOO also "
+                          "subtracts beta * KL before its baseline; that part is not in these figures).",
+            "summary": summarize_advantage_variance(steps),
+            "steps": steps,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration -> trl arguments
+
+def rollout_budget(config: dict) -> dict:
+    """What one run spends, from the algorithm config (generation settings fill the nulls)."""
+    algo, gen = config["algorithm"], config["generation"]
+    prompts, group = algo["prompts_per_step"], algo["num_generations"]
+    if algo["steps"] < 1 or prompts < 1:
+        raise ConfigError(f"algorithm.steps and algorithm.prompts_per_step must be >= 1, got {algo['steps']} and "
+                          f"{prompts}")
+    if group < 2:
+        raise ConfigError(f"algorithm.num_generations must be >= 2 (a group needs a baseline), got {group}")
+    return {
+        "steps": algo["steps"], "prompts_per_step": prompts, "num_generations": group,
+        "completions_per_step": prompts * group, "total_completions": algo["steps"] * prompts * group,
+        "max_completion_length": algo["max_completion_length"] or gen["max_new_tokens"],
+        "temperature": gen["temperature"] if algo["temperature"] is None else algo["temperature"],
+        "top_p": gen["top_p"] if algo["top_p"] is None else algo["top_p"],
+    }
+
+
+def micro_batch_size(config: dict, completions_per_step: int) -> int:
+    """Completions per forward/backward pass: algorithm.micro_batch_size (null: training.batch_size), lowered to
+    the nearest divisor of the completions per step."""
+    wanted = config["algorithm"]["micro_batch_size"] or config["training"]["batch_size"]
+    size = max(d for d in range(1, min(wanted, completions_per_step) + 1) if completions_per_step % d == 0)
+    if size != wanted:
+        log.warning("micro batch %d does not divide %d completions per step: using %d", wanted,
+                    completions_per_step, size)
+    return size
+
+
+def trl_arguments(method: RLMethod, config: dict, out_dir: Path, seed: int, device) -> dict:
+    """Keyword arguments for trl's GRPOConfig / RLOOConfig."""
+    algo = config["algorithm"]
+    budget = rollout_budget(config)
+    micro = micro_batch_size(config, budget["completions_per_step"])
+    return trainer_arguments(
+        config, out_dir, seed, device, tensorboard=algo["tensorboard"],
+        output_dir=str(out_dir / f"ckpt_{method.name}" / "checkpoints"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=budget["completions_per_step"] // micro,  # one generation batch per step
+        num_generations=budget["num_generations"],
+        max_steps=budget["steps"],
+        max_completion_length=budget["max_completion_length"],
+        temperature=budget["temperature"],
+        top_p=budget["top_p"],
+        top_k=0,
+        warmup_steps=algo["warmup_ratio"],  # a float < 1 is a ratio of the steps
+        save_strategy="no",
+        **{key: algo[key] for key in TRL_KEYS},
+        **{key: algo[key] for key in method.method_keys},
+    )
+
+
+def make_trainer(method: RLMethod, model, tokenizer, train_dataset, reward_funcs: list, arguments: dict,
+                 callbacks: list = (), peft_config=None):
+    import trl
+
+    config_class, trainer_class = getattr(trl, method.config_class), getattr(trl, method.trainer_class)
+    arguments = {**arguments, "reward_weights": [1.0] * len(reward_funcs)}  # the components add up to the total
+    return trainer_class(model=model, reward_funcs=reward_funcs, args=config_class(**arguments),
+                         train_dataset=train_dataset, processing_class=tokenizer, callbacks=list(callbacks),
+                         peft_config=peft_config)
+
+
+def expected_log_keys(algo: dict) -> list[str]:
+    keys = list(LOG_KEYS)
+    if algo["beta"] > 0:
+        keys.append("kl")
+    if algo.get("loss_type") is None or algo["loss_type"] in CLIPPED_LOSSES:
+        keys.append("clip_ratio/region_mean")
+    return keys
+
+
+def last_logged(history: list[dict], key: str):
+    values = [record[key] for record in history if record.get(key) is not None]
+    return values[-1] if values else None
+
+
+def first_logged(history: list[dict], key: str):
+    values = [record[key] for record in history if record.get(key) is not None]
+    return values[0] if values else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stage
+
+def run_stage(method: RLMethod, description: str) -> int:
+    """Parse the command line, train, save ckpt_<method>/{best,final}, logs, val_generations and the manifest."""
+    parser = stage_parser(description, algo_config=f"configs/algorithms/{method.name}.yaml",
+                          config_flags=COMMON_FLAGS + tuple(method.flags))
+    parser.add_argument("--policy_ckpt", default=None, help="starting policy, a LoRA adapter (default: this run's "
+                                                            "03_sft/ckpt_sft/best)")
+    parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
+    args = parser.parse_args()
+    config = resolve_config(args)
+    algo = config["algorithm"]
+    budget = rollout_budget(config)
+    out_dir = stage_dir(args, config, method.name)
+    setup_logging()
+    device = configure_torch(config)
+
+    with stage_run(method.stage, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
+        started = time.time()
+        train_rows = load_processed(run.add_input("train", processed_split(config, "train")),
+                                    algo["max_train_examples"])
+        val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])
+        ckpt = run.add_input("policy", sft_checkpoint(args, config))
+        if not is_adapter(ckpt):  # utils.models.load_model rebuilds an adapter on model.path, not on ckpt
+            raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
+                             f"{method.name.upper()} on a merged model is not supported")
+        spec = reward_spec_path(args, config)
+        if spec:
+            run.add_input("reward_spec", spec)
+        calculator = reward_calculator(spec)
+        tokenizer = load_tokenizer(config["model"]["path"])
+        base, adapters = merged_policy_base(config, ckpt, device, model_dtype(config, device))
+
+        ckpt_dir, val_dir = out_dir / f"ckpt_{method.name}", out_dir / "val_generations"
+        log_path = out_dir / "logs" / "training_log.json"
+
+        def save_best(model, summary):
+            save_adapter(model, tokenizer, ckpt_dir / "best", adapters=adapters)
+            write_json_atomic(ckpt_dir / "best" / "val_summary.json", summary)
+
+        validation = ValidationCallback(tokenizer, val_rows, calculator, settings_from_config(config, sampled=False),
+                                        val_dir, algo["eval_every_steps"], args.seed, on_best=save_best)
+        recorder = RewardRecorder(make_reward_functions(calculator), budget["num_generations"])
+        trainer = make_trainer(method, base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS), recorder.functions,
+                               trl_arguments(method, config, out_dir, args.seed, device),
+                               [JsonLogCallback(log_path), validation], lora_config(config))
+
+        validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
+        result = trainer.train()
+
+        save_adapter(trainer.model, tokenizer, ckpt_dir / "final", adapters=adapters)
+        write_json_atomic(ckpt_dir / "final" / "val_summary.json", validation.history[-1])
+        trainer_dir = ckpt_dir / "checkpoints"  # the trainer's output_dir; nothing is saved there (save_strategy no)
+        if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
+            trainer_dir.rmdir()
+        for name, path in (("ckpt_final", ckpt_dir / "final"), ("ckpt_best", ckpt_dir / "best"),
+                           ("training_log", log_path), ("val_generations", val_dir)):
+            run.add_output(name, path)
+
+        history, val = trainer.state.log_history, validation.history
+        logged = sorted({key for record in history for key in record})
+        missing = [key for key in expected_log_keys(algo) if key not in logged]
+        if missing:
+            log.warning("training_log.json lacks %s (trl did not log them)", ", ".join(missing))
+        if not all(batch["grouped_by_prompt"] for batch in recorder.batches):
+            log.warning("a reward batch did not hold each prompt's completions consecutively")
+        best = max(val, key=lambda summary: summary["mean_reward"])
+        actual = {"total_completions": recorder.total_completions,
+                  "total_generated_tokens": recorder.total_generated_tokens}
+        run.metrics.update({
+            **{key: budget[key] for key in ("steps", "prompts_per_step", "num_generations", "completions_per_step")},
+            **actual,
+            "budget": {**budget, **actual, "mean_completion_tokens":
+                       actual["total_generated_tokens"] / max(actual["total_completions"], 1)},
+            "beta": algo["beta"], "learning_rate": algo["learning_rate"],
+            **{key: algo[key] for key in method.method_keys},
+            "initial_val_reward": val[0]["mean_reward"], "final_val_reward": val[-1]["mean_reward"],
+            "initial_val_parse_rate": val[0]["parse_rate"], "final_val_parse_rate": val[-1]["parse_rate"],
+            "initial_val_execution_accuracy": val[0]["execution_accuracy"],
+            "final_val_execution_accuracy": val[-1]["execution_accuracy"],
+            "best_val_reward": best["mean_reward"], "best_step": best["step"],
+            "first_train_reward": first_logged(history, "reward"), "final_train_reward": last_logged(history, "reward"),
+            "final_kl": last_logged(history, "kl"), "final_entropy": last_logged(history, "entropy"),
+            "final_frac_reward_zero_std": last_logged(history, "frac_reward_zero_std"),
+            "train_examples": len(train_rows),
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+            "wall_time_s": round(time.time() - started, 1),
+            "parameters": count_parameters(trainer.model),
+            "logged_keys": logged, "missing_log_keys": missing,
+            "validation": val,
+        })
+        if method.advantage_variance:
+            report = recorder.advantage_variance()
+            write_json_atomic(run.add_output("advantage_variance", out_dir / "logs" / "advantage_variance.json"),
+                              report)
+            run.metrics["advantage_variance"] = report["summary"]
+        log.info("%s done: %d steps, %d completions (%d tokens), val reward %.3f -> %.3f, final kl %s",
+                 method.name.upper(), trainer.state.global_step, actual["total_completions"],
+                 actual["total_generated_tokens"], val[0]["mean_reward"], val[-1]["mean_reward"],
+                 run.metrics["final_kl"])
+    return 0

@@ -1,0 +1,155 @@
+"""Stage 05: PPO with a value head (utils/ppo.py) on the rule-based reward, starting from the SFT model.
+
+A new LoRA adapter trains on the SFT model (its adapter merged); the reference policy is the same model with the
+new adapter off. Each step samples one completion for each of algorithm.rollout_batch_size train prompts,
+scores them with the reward calculator, and runs algorithm.ppo_epochs of clipped PPO updates on them.
+Writes ckpt_ppo/{final,best}/ (LoRA adapter on the SFT stack, value_head.pt; best by val reward, the SFT start
+included), logs/training_log.json (statistics per step) and val_generations/step_N.json (greedy validation
+every algorithm.eval_every_steps, step 0 = the SFT model). Runs under `accelerate launch` as well.
+"""
+import contextlib
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
+from utils.finqa_data import load_processed
+from utils.generation import settings_from_config
+from utils.models import configure_torch, count_parameters, is_adapter, load_tokenizer, lora_config, \
+    merged_policy_base, model_dtype, save_adapter
+from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, save_value_head
+from utils.runs import StageError, stage_run, write_json_atomic
+from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_checkpoint
+from utils.validation import validate
+
+FLAGS = (
+    ConfigFlag("--steps", "algorithm.steps", int, "PPO updates (one rollout batch each)"),
+    ConfigFlag("--learning_rate", "algorithm.learning_rate", float, "AdamW learning rate (LoRA and value head)"),
+    ConfigFlag("--kl_coef", "algorithm.kl_coef", float, "per-token KL penalty coefficient (initial, if adaptive)"),
+    ConfigFlag("--clip_range", "algorithm.clip_range", float, "policy ratio clip range"),
+    ConfigFlag("--ppo_epochs", "algorithm.ppo_epochs", int, "passes over each rollout"),
+)
+
+
+def main() -> int:
+    from accelerate import Accelerator
+    from peft import get_peft_model
+
+    parser = stage_parser(__doc__, algo_config="configs/algorithms/ppo.yaml", config_flags=FLAGS)
+    parser.add_argument("--policy_ckpt", default=None, help="starting policy (default: this run's "
+                                                            "03_sft/ckpt_sft/best)")
+    parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
+    args = parser.parse_args()
+    config = resolve_config(args)
+    settings = PPOSettings.from_config(config["algorithm"])
+    log = setup_logging()
+    configure_torch(config)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    if not is_main:
+        log.setLevel(logging.WARNING)  # one process reports progress
+    out_dir = stage_dir(args, config, "ppo")
+    context = (stage_run("05_train_ppo", out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False)
+               if is_main else contextlib.nullcontext())
+
+    with context as run:
+        train_path, val_path = processed_split(config, "train"), processed_split(config, "val")
+        ckpt, spec = sft_checkpoint(args, config), reward_spec_path(args, config)
+        if not is_adapter(ckpt):  # utils.models.load_model rebuilds an adapter on model.path, not on ckpt
+            raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
+                             f"PPO on a merged model is not supported")
+        if is_main:
+            run.add_input("train", train_path)
+            run.add_input("val", val_path)
+            run.add_input("policy", ckpt)
+            if spec:
+                run.add_input("reward_spec", spec)
+        train_rows = load_processed(train_path, settings.max_train_examples)
+        val_rows = load_processed(val_path, settings.n_val_examples)
+        calculator = reward_calculator(spec)
+        tokenizer = load_tokenizer(config["model"]["path"])
+        device = accelerator.device
+        torch.manual_seed(args.seed)
+        base, adapters = merged_policy_base(config, ckpt, device, model_dtype(config, device))
+        policy = get_peft_model(base, lora_config(config))
+        rollout_settings = settings_from_config(config, sampled=True, max_new_tokens=settings.max_new_tokens,
+                                                temperature=settings.temperature, top_p=settings.top_p)
+        trainer = PPOTrainer(policy, tokenizer, calculator, settings, rollout_settings, accelerator, args.seed)
+        greedy = settings_from_config(config, sampled=False)
+        next_batch = cycle_batches(train_rows, settings.rollout_batch_size, args.seed + accelerator.process_index)
+
+        ckpt_dir, val_dir = out_dir / "ckpt_ppo", out_dir / "val_generations"
+        log_path = out_dir / "logs" / "training_log.json"
+        history: list[dict] = []
+        best: dict = {}
+
+        def save(dest, summary=None):
+            save_adapter(trainer.policy, tokenizer, dest, adapters=adapters)
+            save_value_head(trainer.unwrapped, dest)
+            if summary is not None:
+                write_json_atomic(dest / "val_summary.json", summary)
+
+        def validation(step: int) -> None:
+            if is_main:
+                summary, samples = validate(trainer.policy, tokenizer, val_rows, calculator, greedy, args.seed)
+                summary["step"] = step
+                write_json_atomic(val_dir / f"step_{step}.json", {"summary": summary, "samples": samples})
+                history.append(summary)
+                log.info("validation at step %d: parse rate %.2f, exec acc %.2f, mean reward %.3f", step,
+                         summary["parse_rate"], summary["execution_accuracy"], summary["mean_reward"])
+                if not best or summary["mean_reward"] > best["mean_reward"]:
+                    best.update(summary)
+                    save(ckpt_dir / "best", summary)
+            accelerator.wait_for_everyone()
+
+        started = time.time()
+        validation(0)  # the SFT starting point (the new adapter is still zero)
+        records: list[dict] = []
+        bar = tqdm(range(1, settings.steps + 1), desc="PPO", unit="step", disable=not is_main)
+        for step in bar:
+            stats = {"step": step, **trainer.step(next_batch())}
+            records.append(stats)
+            if is_main:
+                write_json_atomic(log_path, records)
+            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.3f}")
+            log.info("step %d: reward %.3f, kl %.3f, policy loss %.4f, value loss %.4f, %.1fs", step,
+                     stats["reward_mean"], stats["kl"], stats["policy_loss"], stats["value_loss"],
+                     stats["time_step_s"])
+            if step == settings.steps or (settings.eval_every_steps > 0 and step % settings.eval_every_steps == 0):
+                validation(step)
+
+        if is_main:
+            save(ckpt_dir / "final", history[-1])
+            run.add_output("ckpt_final", ckpt_dir / "final")
+            run.add_output("ckpt_best", ckpt_dir / "best")
+            run.add_output("training_log", log_path)
+            run.add_output("val_generations", val_dir)
+            per_step = records[-1]
+            run.metrics.update({
+                "steps": settings.steps,
+                "initial_val_reward": history[0]["mean_reward"], "final_val_reward": history[-1]["mean_reward"],
+                "initial_val_parse_rate": history[0]["parse_rate"], "final_val_parse_rate": history[-1]["parse_rate"],
+                "initial_val_execution_accuracy": history[0]["execution_accuracy"],
+                "final_val_execution_accuracy": history[-1]["execution_accuracy"],
+                "best_val_reward": best["mean_reward"], "best_step": best["step"],
+                "final_kl": per_step["kl"], "final_kl_coef": trainer.kl_controller.value,
+                "first_train_reward": records[0]["reward_mean"], "final_train_reward": per_step["reward_mean"],
+                "prompts_per_step": per_step["n_prompts"], "completions_per_step": per_step["n_completions"],
+                "total_completions": sum(r["n_completions"] for r in records),
+                "total_generated_tokens": sum(r["n_generated_tokens"] for r in records),
+                "train_examples": len(train_rows), "processes": accelerator.num_processes,
+                "seconds": {key: round(sum(r[f"time_{key}_s"] for r in records), 1)
+                            for key in ("generation", "reward", "training")},
+                "wall_time_s": round(time.time() - started, 1),
+                "parameters": count_parameters(trainer.unwrapped),
+                "validation": history,
+            })
+            log.info("PPO done: %d steps, val reward %.3f -> %.3f, final kl %.3f", settings.steps,
+                     history[0]["mean_reward"], history[-1]["mean_reward"], per_step["kl"])
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

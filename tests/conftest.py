@@ -100,6 +100,31 @@ def load_stage(script: str):
     return module
 
 
+def run_script(script: str, *args: str) -> int:
+    """Run a stage script's main in this process as `python script args...`; returns its exit code."""
+    module = load_stage(script)
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        module.main_guard(module.main)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 class StageRunner:
     """Runs stage scripts in-process with a command line, against the tiny model and tmp folders."""
 
@@ -110,16 +135,7 @@ class StageRunner:
                      "--set", "generation.max_new_tokens=16", "--set", "generation.batch_size=4"]
 
     def __call__(self, script: str, *args: str) -> int:
-        module = load_stage(script)
-        argv = sys.argv
-        sys.argv = [script, *self.base, *args]
-        try:
-            module.main_guard(module.main)
-        except SystemExit as exit_:
-            return int(exit_.code or 0)
-        finally:
-            sys.argv = argv
-        return 0
+        return run_script(script, *self.base, *args)
 
     def stage_dir(self, folder: str, run_id: str = "run_001") -> Path:
         return self.root / "outputs" / run_id / folder

@@ -121,9 +121,10 @@ def test_grpo_and_rloo_stages(run_stage, reward_calls):
     assert run("01_prepare_dataset.py") == 0
     assert run("02_build_rewards.py") == 0
     assert run("03_sft_train.py", "--quick_test", "--max_steps", "1", "--skip_validation") == 0
-    assert run("06_train_grpo.py", "--quick_test", "--beta", "0.1") == 0
+    budget = ("--prompts_per_step", "2", "--set", "algorithm.eval_every_steps=1")  # not the quick defaults
+    assert run("06_train_grpo.py", "--quick_test", "--beta", "0.1", *budget) == 0
     grpo_calls = len(reward_calls)
-    assert run("07_train_rloo.py", "--quick_test", "--set", "algorithm.micro_batch_size=4") == 0
+    assert run("07_train_rloo.py", "--quick_test", "--set", "algorithm.micro_batch_size=4", *budget) == 0
     train = {row["id"]: row for row in load_processed(run.root / "processed" / "train.jsonl")}
 
     manifests = {}

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from conftest import flatten_dict  # noqa: E402
 from utils.model_download import default_dest_for, is_complete_model_dir  # noqa: E402
 from utils.model_inspect import describe_model, find_lora_targets, suggest_settings  # noqa: E402
 
@@ -53,16 +54,6 @@ def tiny_llama(tmp_path_factory) -> Path:
     LlamaForCausalLM(_tiny_config()).save_pretrained(folder)
     _save_tokenizer(folder)
     return folder
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _run_add_config(*args: str) -> subprocess.CompletedProcess:
@@ -140,7 +131,7 @@ def test_add_model_config_writes_reference_structure(tiny_llama, tmp_path):
     cfg = yaml.safe_load(out.read_text())
     ref = yaml.safe_load(REFERENCE_CONFIG.read_text())
     assert list(cfg) == list(ref)  # every section, in the same order
-    assert set(_flatten(cfg)) == set(_flatten(ref))  # and every key
+    assert set(flatten_dict(cfg)) == set(flatten_dict(ref))  # and every key
     assert cfg["model"]["name"] == "tiny-llama"
     assert Path(cfg["model"]["path"]) == tiny_llama.resolve()
     assert cfg["model"]["architecture"] == "llama"

@@ -228,7 +228,8 @@ def test_ppo_stage_then_evaluate(run_stage, one_thread):
     assert run_stage("02_build_rewards.py", *one) == 0
     assert run_stage("03_sft_train.py", *one, "--quick_test", "--skip_validation",
                      "--set", "algorithm.max_steps=1") == 0
-    assert run_stage("05_train_ppo.py", *one, "--quick_test", "--steps", "2", "--learning_rate", "1e-3") == 0
+    assert run_stage("05_train_ppo.py", *one, "--quick_test", "--steps", "2", "--learning_rate", "1e-3",
+                     "--set", "algorithm.eval_every_steps=1") == 0
 
     out = run_stage.stage_dir("05_ppo")
     manifest = read_manifest(out)

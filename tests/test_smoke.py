@@ -1,17 +1,20 @@
-"""End-to-end smoke test: the real stages, as a user runs them, on the real model and FinQA sample data with
---quick_test. Needs `bash download.sh --finqa_dir ../shared/finqa_sample` first; skipped when the model or
-data are missing, except in CI (FINQA_RL_REQUIRE_SMOKE=1), where that is a failure."""
+"""End-to-end smoke test: the README's main job (`12_driver.py --method all --quick_test`) on the real model and
+FinQA sample data, every stage as its own process. Needs `bash download.sh --finqa_dir ../shared/finqa_sample`
+first; skipped when the model or data are missing, except in CI (FINQA_RL_REQUIRE_SMOKE=1), where that is a
+failure."""
 import json
 import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from conftest import REPO
 
 MODEL = REPO / "models" / "smollm2-135m-instruct"
 RAW = REPO / "datasets" / "finqa"
+METHODS = ("ppo", "grpo", "rloo", "dpo")
 
 
 @pytest.fixture(scope="module")
@@ -24,30 +27,43 @@ def smoke_root(tmp_path_factory):
     return tmp_path_factory.mktemp("smoke")
 
 
-def run(root, script, *args, timeout=900):
-    command = [sys.executable, script, "--set", f"paths.outputs_dir={root / 'outputs'}",
-               "--set", f"data.processed_dir={root / 'processed'}", *args]
+def drive(root, *args, timeout=1800):
+    command = [sys.executable, "12_driver.py", "--method", "all", "--quick_test",
+               "--set", f"paths.outputs_dir={root / 'outputs'}", "--set", f"data.processed_dir={root / 'processed'}",
+               *args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
-    return done
+    assert done.returncode == 0, f"12_driver.py failed:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    return done.stdout
 
 
-def manifest(root, folder):
-    return json.loads((root / "outputs" / "run_001" / folder / "manifest.json").read_text())
+def test_quick_full_run_with_the_driver(smoke_root):
+    run_dir = smoke_root / "outputs" / "run_001"
+    drive(smoke_root)
 
+    run_manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert run_manifest["status"] == "completed"
+    assert {e["stage"]: e["status"] for e in run_manifest["stages"]} == {e["stage"]: "completed"
+                                                                        for e in run_manifest["stages"]}
+    data = json.loads((run_dir / "00_data_validation" / "manifest.json").read_text())["metrics"]
+    assert data["n_gold_match_exe_ans"] == data["n_valid"] > 0
+    sft = json.loads((run_dir / "03_sft" / "manifest.json").read_text())
+    assert sft["metrics"]["steps"] > 0
+    assert json.loads((run_dir / "04_candidates" / "manifest.json").read_text())["metrics"]["n_candidates"] > 0
 
-def test_quick_pipeline_on_the_real_model(smoke_root):
-    root = smoke_root
-    run(root, "00_check_data.py")
-    summary = manifest(root, "00_data_validation")["metrics"]
-    assert summary["n_gold_match_exe_ans"] == summary["n_valid"] > 0
-    run(root, "01_prepare_dataset.py")
-    run(root, "02_build_rewards.py")
-    run(root, "03_sft_train.py", "--quick_test")
-    sft = manifest(root, "03_sft")
-    assert sft["status"] == "completed" and sft["metrics"]["steps"] > 0
-    run(root, "04_generate_candidates.py", "--quick_test")
-    assert manifest(root, "04_candidates")["metrics"]["n_candidates"] > 0
-    run(root, "10_evaluate.py", "--label", "sft", "--quick_test")
-    metrics = json.loads((root / "outputs" / "run_001" / "10_evaluation" / "sft" / "metrics.json").read_text())
-    assert metrics["n_examples"] == 8 and 0.0 <= metrics["format_compliance"] <= 1.0
+    # every method's checkpoint was evaluated, and the report's table holds exactly the metrics files' numbers
+    summary = pd.read_csv(run_dir / "11_comparison" / "summary.csv")
+    assert set(summary["label"]) == {"base", "sft", *METHODS}
+    for row in summary.to_dict("records"):
+        metrics = json.loads((run_dir / "10_evaluation" / row["label"] / "metrics.json").read_text())
+        assert metrics["n_examples"] == 6
+        for key in ("execution_accuracy", "program_accuracy", "format_compliance", "mean_reward"):
+            assert row[key] == pytest.approx(metrics[key], abs=1e-12)
+    report = (run_dir / "11_comparison" / "report.md").read_text()
+    assert "McNemar" in report and all(f"| {method} |" in report for method in METHODS)
+    assert list((run_dir / "11_comparison" / "plots").glob("*.png"))
+
+    # the same command again does nothing and says so
+    before = {p: p.read_text() for p in run_dir.glob("**/manifest.json")}
+    out = drive(smoke_root)
+    assert "nothing to do" in out
+    assert {p: p.read_text() for p in run_dir.glob("**/manifest.json")} == before

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils.runs import StageError
+from utils.runs import REPO_ROOT, StageError
 
 BASE_ADAPTERS_FILE = "base_adapters.json"
 log = logging.getLogger("finqa_rl")
@@ -57,8 +57,11 @@ def load_tokenizer(model_path: str | Path):
 
 
 def base_adapters(ckpt: str | Path) -> list[str]:
+    """The adapters a checkpoint sits on. They are recorded as given (relative to the repository root when
+    relative), so run folders stay movable together with the repository."""
     path = Path(ckpt) / BASE_ADAPTERS_FILE
-    return json.loads(path.read_text())["adapters"] if path.is_file() else []
+    adapters = json.loads(path.read_text())["adapters"] if path.is_file() else []
+    return [a if Path(a).is_absolute() or Path(a).exists() else str(REPO_ROOT / a) for a in adapters]
 
 
 def is_adapter(ckpt: str | Path) -> bool:

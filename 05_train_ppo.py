@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import load_processed
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, is_adapter, load_tokenizer, lora_config, \
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, \
     merged_policy_base, model_dtype, save_adapter
 from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, save_value_head
-from utils.runs import StageError, stage_run, write_json_atomic
-from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_checkpoint
+from utils.runs import stage_run, write_json_atomic
+from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
 from utils.validation import validate
 
 FLAGS = (
@@ -56,10 +56,7 @@ def main() -> int:
 
     with context as run:
         train_path, val_path = processed_split(config, "train"), processed_split(config, "val")
-        ckpt, spec = sft_checkpoint(args, config), reward_spec_path(args, config)
-        if not is_adapter(ckpt):  # utils.models.load_model rebuilds an adapter on model.path, not on ckpt
-            raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
-                             f"PPO on a merged model is not supported")
+        ckpt, spec = sft_adapter(args, config, "PPO"), reward_spec_path(args, config)
         if is_main:
             run.add_input("train", train_path)
             run.add_input("val", val_path)

@@ -21,11 +21,11 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
     upstream_dir
 from utils.finqa_data import hf_dataset, load_processed, read_jsonl
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, is_adapter, load_tokenizer, lora_config, \
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, \
     merged_policy_base, model_dtype, save_adapter
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
-from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_checkpoint
+from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
 from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, ValidationCallback
 
@@ -89,10 +89,7 @@ def main() -> int:
         if algo["preference_eval_max_pairs"]:
             heldout_pairs = heldout_pairs[: algo["preference_eval_max_pairs"]]
         val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])
-        ckpt = run.add_input("policy", sft_checkpoint(args, config))
-        if not is_adapter(ckpt):  # utils.models.load_model rebuilds an adapter on model.path, not on ckpt
-            raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
-                             f"DPO on a merged model is not supported")
+        ckpt = run.add_input("policy", sft_adapter(args, config, "DPO"))
         spec = reward_spec_path(args, config)
         if spec:
             run.add_input("reward_spec", spec)

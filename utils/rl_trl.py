@@ -42,11 +42,11 @@ from utils.cli import ConfigFlag, resolve_config, setup_logging, stage_dir, stag
 from utils.config import ConfigError
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, is_adapter, load_tokenizer, lora_config, \
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, \
     merged_policy_base, model_dtype, save_adapter
 from utils.reward import COMPONENTS, make_reward_functions
-from utils.runs import StageError, stage_run, write_json_atomic
-from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_checkpoint
+from utils.runs import stage_run, write_json_atomic
+from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
 from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, ValidationCallback
 
@@ -313,10 +313,7 @@ def run_stage(method: RLMethod, description: str) -> int:
         train_rows = load_processed(run.add_input("train", processed_split(config, "train")),
                                     algo["max_train_examples"])
         val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])
-        ckpt = run.add_input("policy", sft_checkpoint(args, config))
-        if not is_adapter(ckpt):  # utils.models.load_model rebuilds an adapter on model.path, not on ckpt
-            raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
-                             f"{method.name.upper()} on a merged model is not supported")
+        ckpt = run.add_input("policy", sft_adapter(args, config, method.name.upper()))
         spec = reward_spec_path(args, config)
         if spec:
             run.add_input("reward_spec", spec)

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from utils.cli import upstream_dir
+from utils.models import is_adapter
 from utils.reward import RewardCalculator, RewardWeights
 from utils.runs import StageError, is_completed
 
@@ -47,3 +48,13 @@ def sft_checkpoint(args, config: dict) -> Path:
     if not is_completed(folder):
         raise StageError(f"{folder} is not a completed SFT stage (run 03_sft_train.py first, or pass --policy_ckpt)")
     return folder / "ckpt_sft" / "best"
+
+
+def sft_adapter(args, config: dict, method: str) -> Path:
+    """sft_checkpoint(), which RL and DPO train a new adapter on: it must be a LoRA adapter, since
+    utils.models.load_model rebuilds an adapter stack on model.path, not on a merged checkpoint."""
+    ckpt = sft_checkpoint(args, config)
+    if not is_adapter(ckpt):
+        raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
+                         f"{method} on a merged model is not supported")
+    return ckpt

@@ -1,18 +1,21 @@
-"""Benchmark: evaluation throughput of the batched generation path against a one-prompt-at-a-time loop.
+"""Benchmark: generation throughput (the 04/10 path) against the plain ways and against the machine's limit.
 
-Both run in this one process on the same model, prompts and settings (greedy, the same max_new_tokens, the same
-stop rules), so their ratio is meaningful even on a busy shared CPU; absolute figures are this machine's.
+Three ways to greedy-decode the same prompts with the same model and stop rules, in this one process:
+  project        utils.generation.generate: shared-prefix KV cache, length-chunked prefill, a decode loop that
+                 drops finished rows
+  hf_batched     transformers' model.generate on batches (left padding, prompts sorted by length)
+  one_at_a_time  transformers' model.generate on each prompt alone (the plain loop)
+and the machine's limit: the measured matmul FLOP/s and memory bandwidth, turned into a tokens/s ceiling for this
+model and these prompts (all FLOPs at peak; and, for decoding one prompt at a time, reading the weights once per
+token). Ratios within one run are the result; absolute figures are this machine's.
 
-    python bench/bench_generation.py                       # default model, 32 val prompts
-    python bench/bench_generation.py --policy_ckpt outputs/run_001/03_sft/ckpt_sft/best --n_prompts 64
+    python bench/bench_generation.py --policy_ckpt outputs/run_001/03_sft/ckpt_sft/best --n_prompts 32
 
 Writes bench/results/generation.json (or --output).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,31 +24,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils  # noqa: E402,F401  (first: sets the threading environment before torch loads)
 import torch  # noqa: E402
-
 from transformers import StoppingCriteriaList  # noqa: E402
 
+from bench.machine import forward_flops, measure_machine, weight_bytes, write_result  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.finqa_data import load_processed  # noqa: E402
-from utils.generation import GenerationSettings, GenerationStats, JsonEndCriteria, generate, stop_token_ids  # noqa: E402
+from utils.generation import (GenerationSettings, GenerationStats, JsonEndCriteria, generate,  # noqa: E402
+                              json_object_end, stop_token_ids)
 from utils.models import configure_torch, load_model, load_tokenizer  # noqa: E402
 from utils.prompts import render_prompt  # noqa: E402
 
 
+def _figures(seconds: float, n_tokens: int, n_prompts: int, useful_flops: float, peak_gflops: float) -> dict:
+    return {"seconds": round(seconds, 2), "generated_tokens": int(n_tokens),
+            "tokens_per_second": round(n_tokens / seconds, 2), "examples_per_second": round(n_prompts / seconds, 3),
+            "model_flops_utilisation": round(useful_flops / seconds / (peak_gflops * 1e9), 3)}
+
+
 @torch.no_grad()
-def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
-    """The plain way: model.generate on each prompt alone (no padding, no batching)."""
+def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[float, int]:
+    """transformers' generate, batch_size prompts at a time (1 = the plain loop); seconds and generated tokens."""
     stops = stop_token_ids(tokenizer)
+    tokenizer.padding_side = "left"
+    ordered = sorted(prompts, key=lambda text: -len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     tokens, started = 0, time.time()
-    for text in prompts:
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    for start in range(0, len(ordered), batch_size):
+        inputs = tokenizer(ordered[start: start + batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
         length = inputs["input_ids"].shape[1]
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
                                 stopping_criteria=StoppingCriteriaList([JsonEndCriteria(tokenizer, length)]))
-        tokens += output.shape[1] - length
-    seconds = time.time() - started
-    return {"seconds": round(seconds, 2), "generated_tokens": int(tokens),
-            "tokens_per_second": round(tokens / seconds, 2), "examples_per_second": round(len(prompts) / seconds, 3)}
+        generated = output[:, length:]
+        # rows that stopped early are padded (the pad token may be a stop token too): a row ends at its first
+        # stop token, which counts unless the JSON object was already complete (stopped there, then padded)
+        for row in generated.tolist():
+            end = next((i for i, token in enumerate(row) if token in stops or token == tokenizer.pad_token_id),
+                       len(row))
+            closed = json_object_end(tokenizer.decode(row[:end], skip_special_tokens=True)) >= 0
+            tokens += end if closed or end == len(row) else end + 1
+    return time.time() - started, tokens
 
 
 def main() -> None:
@@ -56,6 +74,7 @@ def main() -> None:
     parser.add_argument("--n_prompts", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=None, help="default: generation.batch_size")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: generation.max_new_tokens")
+    parser.add_argument("--skip_hf_batched", action="store_true", help="leave out transformers' batched generate")
     parser.add_argument("--output", default="bench/results/generation.json")
     args = parser.parse_args()
 
@@ -68,29 +87,49 @@ def main() -> None:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens or config["generation"]["max_new_tokens"],
                                   batch_size=args.batch_size or config["generation"]["batch_size"])
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
+    machine = measure_machine()
+    peak = machine["matmul_gflops"]
 
     generate(model, tokenizer, prompts[:2], settings, show_progress=False)  # warm-up (allocations, kernels)
     stats = GenerationStats()
-    generate(model, tokenizer, prompts, settings, stats=stats, desc="batched")
-    batched = {"seconds": round(stats.seconds, 2), "generated_tokens": stats.n_generated_tokens,
-               "tokens_per_second": round(stats.tokens_per_second, 2),
-               "examples_per_second": round(len(prompts) / stats.seconds, 3)}
-    plain = one_at_a_time(model, tokenizer, prompts, settings.max_new_tokens)
+    generations = generate(model, tokenizer, prompts, settings, stats=stats, desc="project")
+    # The work a plain forward pass over every prompt and answer does (logits only where a token is chosen):
+    # the same yardstick for every path, so its utilisation figures compare directly.
+    prompt_lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in prompts]
+    answer_lengths = [group[0].n_tokens for group in generations]
+    useful_flops = sum(forward_flops(model, p, p / 2, n_logits=1) + forward_flops(model, a, p + a / 2)
+                       for p, a in zip(prompt_lengths, answer_lengths))
+    project = _figures(stats.seconds, stats.n_generated_tokens, len(prompts), useful_flops, peak)
+    project.update({"prefill_seconds": round(stats.prefill_seconds, 2), "decode_seconds": round(stats.decode_seconds, 2),
+                    "prompt_tokens": stats.n_prompt_tokens, "prefill_tokens": stats.n_prefill_tokens,
+                    "decode_steps": stats.n_decode_steps})
+    result = {"benchmark": "generation", "model": config["model"]["name"], "checkpoint": args.policy_ckpt,
+              "n_prompts": len(prompts), "batch_size": settings.batch_size,
+              "max_new_tokens": settings.max_new_tokens, "mean_prompt_tokens": round(sum(prompt_lengths) / len(prompts), 1),
+              "mean_answer_tokens": round(sum(answer_lengths) / len(prompts), 1), "device": str(device),
+              "machine_limits": machine, "project": project}
+    if not args.skip_hf_batched:
+        seconds, tokens = hf_generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
+        result["hf_batched"] = _figures(seconds, tokens, len(prompts), useful_flops, peak)
+    seconds, tokens = hf_generate(model, tokenizer, prompts, settings.max_new_tokens, 1)
+    result["one_at_a_time"] = plain = _figures(seconds, tokens, len(prompts), useful_flops, peak)
 
-    result = {
-        "benchmark": "generation", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model": config["model"]["name"], "checkpoint": args.policy_ckpt, "n_prompts": len(prompts),
-        "batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens,
-        "torch_threads": torch.get_num_threads(), "machine": platform.platform(), "device": str(device),
-        "batched": batched, "one_at_a_time": plain,
-        "speedup_examples_per_second": round(batched["examples_per_second"] / plain["examples_per_second"], 2),
-        "speedup_tokens_per_second": round(batched["tokens_per_second"] / plain["tokens_per_second"], 2),
+    compute_bound = useful_flops / (peak * 1e9)
+    one_at_a_time_bandwidth_bound = stats.n_generated_tokens * weight_bytes(model) / (machine["memory_gb_per_s"] * 1e9)
+    result["ceiling"] = {
+        "tokens_per_second_all_flops_at_peak": round(stats.n_generated_tokens / compute_bound, 2),
+        "tokens_per_second_one_at_a_time_weights_read_per_token": round(
+            stats.n_generated_tokens / (one_at_a_time_bandwidth_bound + compute_bound), 2),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"batched / one-at-a-time: {result['speedup_examples_per_second']}x examples/s, "
-          f"{result['speedup_tokens_per_second']}x tokens/s")
+    result["speedup_vs_one_at_a_time"] = {
+        "examples_per_second": round(project["examples_per_second"] / plain["examples_per_second"], 2),
+        "tokens_per_second": round(project["tokens_per_second"] / plain["tokens_per_second"], 2)}
+    if "hf_batched" in result:
+        result["speedup_vs_hf_batched_examples_per_second"] = round(
+            project["examples_per_second"] / result["hf_batched"]["examples_per_second"], 2)
+    write_result(args.output, result)
+    print(f"project / one-at-a-time: {result['speedup_vs_one_at_a_time']['examples_per_second']}x examples/s; "
+          f"model FLOPs utilisation {project['model_flops_utilisation']:.0%}")
 
 
 if __name__ == "__main__":

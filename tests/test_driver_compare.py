@@ -101,6 +101,7 @@ def test_driver_skips_reruns_and_resumes(run_stage):
     run_manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert run_manifest["status"] == "completed" and run_manifest["wall_time_s"] > 0
     assert all(e["duration_s"] is not None and Path(e["manifest"]).is_file() for e in run_manifest["stages"])
+    assert all(e["peak_rss_mb"] > 50 for e in run_manifest["stages"])  # each stage process imports torch
     assert (run_dir / "11_comparison" / "report.md").is_file()
 
     # the same command again does nothing, and says so

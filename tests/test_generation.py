@@ -1,9 +1,10 @@
 """The shared generation module on the tiny model."""
 import torch
 
-from utils.generation import GenerationSettings, JsonEndCriteria, generate, json_object_end
+from utils.generation import (GenerationSettings, GenerationStats, JsonEndCriteria, generate, json_object_end,
+                              stop_token_ids)
 from utils.models import load_model, load_tokenizer
-from utils.prompts import prompt_messages
+from utils.prompts import prompt_messages, render_prompt
 
 
 def test_json_object_end():
@@ -14,16 +15,57 @@ def test_json_object_end():
     assert json_object_end('{"a": "\\"}"}') == len('{"a": "\\"}"}')
 
 
-def test_batched_greedy_equals_one_at_a_time(tiny_model_dir):
+def test_batched_greedy_equals_plain_generate_one_at_a_time(tiny_model_dir):
+    """Shared prefix, length-chunked prefill with padding in the middle, dropping finished rows: none of it
+    may change what greedy decoding produces compared with transformers' own generate on each prompt alone."""
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_model(tiny_model_dir)
     prompts = [prompt_messages(f"question {i} " + "word " * (i * 7), "revenue | 100 | 90") for i in range(5)]
     settings = GenerationSettings(max_new_tokens=12, batch_size=4, stop_at_json_end=False)
-    batched = generate(model, tokenizer, prompts, settings, show_progress=False)
-    single = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=12, batch_size=1,
-                                                                    stop_at_json_end=False), show_progress=False)
-    assert [g[0].token_ids for g in batched] == [g[0].token_ids for g in single]
-    assert all(g[0].finish_reason in ("stop", "length") for g in batched)
+    stats = GenerationStats()
+    batched = generate(model, tokenizer, prompts, settings, stats=stats, show_progress=False)
+    assert len({len(batch_stats) for batch_stats in stats.per_batch}) == 1
+    assert stats.per_batch[0]["prefill_chunks"] > 1  # lengths vary enough to split the first batch
+    assert stats.n_prefill_tokens < stats.n_prompt_tokens  # the shared prefix ran once
+    for prompt, group in zip(prompts, batched):
+        inputs = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+        plain = model.generate(**inputs, max_new_tokens=12, do_sample=False, temperature=None, top_p=None,
+                               top_k=None, eos_token_id=stop_token_ids(tokenizer),
+                               pad_token_id=tokenizer.pad_token_id)
+        plain_ids = plain[0, inputs["input_ids"].shape[1]:].tolist()
+        assert group[0].token_ids == plain_ids
+        assert group[0].finish_reason == ("length" if len(plain_ids) == 12 else "stop")
+
+
+def test_rows_stop_at_json_end_and_others_continue(tiny_model_dir):
+    """A scripted model: at the positions after prompt A it writes a JSON object token by token (then more text);
+    anywhere else it writes "x". A is so much longer than B that B's positions never reach A's. A stops right
+    after the closing brace and leaves the batch; B runs to max_new_tokens."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir)
+    prompts = ["A " + "long " * 40, "B prompt"]
+    answer = tokenizer('{"program": "add(1, 2)", "answer": "3"} more', add_special_tokens=False)["input_ids"]
+    filler = tokenizer("x", add_special_tokens=False)["input_ids"][0]
+    first_answer_position = len(tokenizer(prompts[0], add_special_tokens=False)["input_ids"]) - 1
+    assert len(tokenizer(prompts[1], add_special_tokens=False)["input_ids"]) + 20 < first_answer_position
+    real_forward, batch_sizes = model.forward, []
+
+    def scripted_forward(input_ids=None, position_ids=None, **kwargs):
+        out = real_forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        batch_sizes.append(input_ids.shape[0])
+        out.logits = torch.full_like(out.logits[:, -1:, :], -1e4)
+        for row, position in enumerate(position_ids[:, -1].tolist()):
+            step = position - first_answer_position
+            out.logits[row, 0, answer[step] if 0 <= step < len(answer) else filler] = 0.0
+        return out
+
+    model.forward = scripted_forward
+    out = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=20, batch_size=2),
+                   show_progress=False)
+    a, b = out[0][0], out[1][0]
+    assert a.text == '{"program": "add(1, 2)", "answer": "3"}' and a.finish_reason == "stop"
+    assert b.text == "x" * 20 and b.finish_reason == "length"
+    assert 2 in batch_sizes and batch_sizes[-1] == 1  # A left the batch once it finished
 
 
 def test_sampling_returns_k_per_prompt_in_order_and_is_seeded(tiny_model_dir):

@@ -149,6 +149,10 @@ def test_grpo_and_rloo_stages(run_stage, reward_calls):
         for record in steps:  # the components add up to the logged total
             total = sum(record[f"rewards/reward_{name}/mean"] for name in COMPONENTS)
             assert total == pytest.approx(record["reward"], abs=1e-5)
+        for record in steps:  # the step's time split, as PPO logs it
+            parts = [record[f"time_{part}_s"] for part in ("generation", "reward", "training")]
+            assert all(part > 0 for part in parts) and sum(parts) == pytest.approx(record["time_step_s"])
+        assert metrics["seconds"]["step"] == pytest.approx(sum(r["time_step_s"] for r in steps), abs=0.2)
 
         val = sorted((out / "val_generations").glob("step_*.json"))
         assert [p.name for p in val] == ["step_0.json", "step_1.json", "step_2.json"]

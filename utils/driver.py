@@ -504,8 +504,22 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_teed(command: list[str], log_path: Path, echo: Callable[[str], None]) -> int:
-    """Run command, streaming its stdout+stderr to echo and to log_path; returns its exit code."""
+@dataclass
+class StageProcess:
+    exit_code: int
+    peak_rss_mb: float | None  # the process's maximum resident set size (getrusage of the child)
+
+
+def _wait(proc: subprocess.Popen) -> StageProcess:
+    if not hasattr(os, "wait4"):
+        return StageProcess(proc.wait(), None)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return StageProcess(proc.returncode, round(usage.ru_maxrss / 1024, 1))  # ru_maxrss is in KiB on Linux
+
+
+def run_teed(command: list[str], log_path: Path, echo: Callable[[str], None]) -> StageProcess:
+    """Run command, streaming its stdout+stderr to echo and to log_path; its exit code and peak memory."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
@@ -523,7 +537,7 @@ def run_teed(command: list[str], log_path: Path, echo: Callable[[str], None]) ->
                 log.flush()
                 echo(decoder.decode(chunk))
             echo(decoder.decode(b"", final=True))
-            return proc.wait()
+            return _wait(proc)
         except BaseException:  # Ctrl-C / kill: let the stage record itself as failed, then make sure it is gone
             proc.send_signal(signal.SIGINT)  # (a second Ctrl-C at worst leaves its manifest 'running': re-run)
             try:
@@ -567,7 +581,7 @@ class RunManifest:
         return {"stage": d.spec.name, "script": d.spec.script, "folder": str(folder),
                 "manifest": str(folder / "manifest.json"), "action": d.action if d.action != "run" else "pending",
                 "reason": d.reason, "command": shlex.join(d.command), "status": None, "duration_s": None,
-                "driver_wall_s": None, "cpu_s": None, "log": None}
+                "driver_wall_s": None, "cpu_s": None, "peak_rss_mb": None, "log": None}
 
     def update(self, index: int, **fields: Any) -> None:
         self.data["stages"][index].update(fields)
@@ -652,7 +666,8 @@ def execute(resolver: Resolver, decisions: list[Decision], manifest: RunManifest
         manifest.update(index, action="running", log=str(log_path))
         t0, cpu0 = time.time(), children_cpu_s()
         try:
-            code = run_teed(decision.command, log_path, echo)
+            process = run_teed(decision.command, log_path, echo)
+            code = process.exit_code
         except KeyboardInterrupt:
             manifest.update(index, action="interrupted", driver_wall_s=round(time.time() - t0, 2))
             manifest.write("interrupted")
@@ -660,6 +675,7 @@ def execute(resolver: Resolver, decisions: list[Decision], manifest: RunManifest
             return 130
         wall = round(time.time() - t0, 2)
         manifest.data["stages"][index]["cpu_s"] = round(children_cpu_s() - cpu0, 2)  # user + sys of the stage
+        manifest.data["stages"][index]["peak_rss_mb"] = process.peak_rss_mb
         stage_manifest = read_manifest(resolver.stage_dir(spec)) or {}
         if code == 0 and stage_manifest.get("status") != "completed":
             code, problem = 1, f"exited 0 but {resolver.stage_dir(spec) / 'manifest.json'} is not completed"
@@ -677,12 +693,12 @@ def execute(resolver: Resolver, decisions: list[Decision], manifest: RunManifest
         manifest.update(index, action="ran", driver_wall_s=wall)
         echo(f"{tag}: done in {format_duration(wall)} [elapsed {format_duration(time.time() - started)}]\n")
     manifest.write("completed")
-    rows = [(e["stage"], e["action"], e["status"] or "-", e["driver_wall_s"], e.get("cpu_s"))
+    rows = [(e["stage"], e["action"], e["status"] or "-", e["driver_wall_s"], e.get("cpu_s"), e.get("peak_rss_mb"))
             for e in manifest.data["stages"]]
-    echo("\nsummary (wall time, CPU time of the stage's process):\n" + "\n".join(
+    echo("\nsummary (wall time; CPU time and peak memory of the stage's process):\n" + "\n".join(
         f"  {stage:<28} {action:<8} {status:<10} {'' if wall is None else format_duration(wall)}"
-        f"{'' if cpu is None else f'  cpu {format_duration(cpu)}'}" for stage, action, status, wall, cpu in rows)
-        + "\n")
+        f"{'' if cpu is None else f'  cpu {format_duration(cpu)}'}{'' if rss is None else f'  peak {rss:.0f} MB'}"
+        for stage, action, status, wall, cpu, rss in rows) + "\n")
     if not ran:
         echo(f"nothing to do: all {total} stage(s) are up to date (completed, same config and seed, inputs "
              f"unchanged)\n")

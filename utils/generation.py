@@ -1,9 +1,22 @@
-"""Batched generation shared by SFT validation, candidate generation, evaluation and the RL stages.
+"""Batched generation shared by SFT validation, candidate generation, evaluation and PPO's rollouts.
 
-Prompts are rendered with the model's chat template, sorted by length so each batch pads little, left-padded
-(decoder-only models continue from the right edge) and decoded with the KV cache. Each sequence stops at the
-end of its JSON object or at end-of-turn, whichever comes first. inf/nan logits are replaced before sampling
-(remove_invalid_values), so a numerically unstable checkpoint degrades instead of crashing the sampler.
+Where the time goes on a small CPU decides the design (bench/bench_generation.py measures it): the prompt
+forward pass (prefill) is compute-bound, so batching does not make it cheaper, only smaller; the per-token
+decode step is overhead- and bandwidth-bound, so batching makes it ~10x cheaper per row. Hence:
+
+- Every FinQA prompt starts with the same system/instruction text. That shared prefix is run once per call and
+  its KV cache is reused by every prompt, so each prompt's prefill covers only its own question and context.
+- Prompts are sorted by length; a decode batch is prefilled in chunks of similar length (little padding), and
+  each prompt is prefilled once however many sequences it returns (the cache is repeated for sampling).
+- The decode loop runs all rows of the batch with the KV cache and drops rows as they finish, so a long answer
+  does not make the short ones pay for its steps. A row stops at end-of-turn / EOS or at the end of its first
+  complete JSON object, whichever comes first.
+- inf/nan logits are replaced before choosing a token (transformers' InfNanRemoveLogitsProcessor), so a
+  numerically unstable checkpoint degrades instead of crashing the sampler.
+
+The shared prefix and chunked prefill use padding in the middle of a row ([prefix][pad][suffix]) with explicit
+position ids, so every real token has the position it would have alone; greedy output matches a plain
+one-prompt-at-a-time `model.generate` (tests/test_generation.py).
 """
 from __future__ import annotations
 
@@ -11,8 +24,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (DynamicCache, InfNanRemoveLogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 
 from utils.prompts import render_prompt
 
@@ -20,7 +35,7 @@ from utils.prompts import render_prompt
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 96
-    batch_size: int = 16
+    batch_size: int = 16          # sequences decoded together (prompts per batch = batch_size // num_return_sequences)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -44,7 +59,11 @@ class GenerationStats:
     n_prompts: int = 0
     n_sequences: int = 0
     n_generated_tokens: int = 0
-    n_padded_prompt_tokens: int = 0
+    n_prefill_tokens: int = 0     # prompt tokens run through the model, padding included (shared prefix once)
+    n_prompt_tokens: int = 0      # the prompts' own tokens, for comparison
+    n_decode_steps: int = 0       # forward passes of the decode loop (all rows of a batch advance together)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
     seconds: float = 0.0
     per_batch: list = field(default_factory=list)
 
@@ -100,15 +119,111 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _trim(ids: list[int], stops: set[int], pad_id: int | None) -> tuple[list[int], bool]:
-    """Generated ids up to and including the first stop token; whether a stop token ended them."""
-    for index, token_id in enumerate(ids):
-        if token_id in stops:
-            return ids[: index + 1], True
-    if pad_id is not None:
-        while ids and ids[-1] == pad_id:
-            ids = ids[:-1]
-    return ids, False
+def _closing_brace_tokens(tokenizer) -> set[int]:
+    """Ids of the tokens whose text holds a "}": only such a token can complete a JSON object."""
+    cached = getattr(tokenizer, "_finqa_closing_brace_tokens", None)
+    if cached is None:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        cached = {i for i, token in enumerate(tokens) if token is not None and "}" in token}
+        tokenizer._finqa_closing_brace_tokens = cached
+    return cached
+
+
+def shared_prefix_length(encoded: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    if not encoded:
+        return 0
+    limit = min(len(ids) for ids in encoded) - 1
+    first = encoded[0]
+    length = 0
+    while length < limit and all(ids[length] == first[length] for ids in encoded):
+        length += 1
+    return length
+
+
+def prefill_chunks(lengths: list[int], max_padding: float = 0.2) -> list[list[int]]:
+    """Split a batch (sorted longest first) where a row would be padded by more than max_padding of the chunk's
+    longest row: prefill is compute-bound, so padding costs as much as real tokens."""
+    chunks: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        if chunks and length >= (1.0 - max_padding) * lengths[chunks[-1][0]]:
+            chunks[-1].append(index)
+        else:
+            chunks.append([index])
+    return chunks
+
+
+@dataclass
+class _Prefix:
+    """The shared prefix's KV cache (batch 1), per layer (keys, values)."""
+    length: int
+    layers: list
+
+    def cache_for(self, batch: int) -> DynamicCache | None:
+        if not self.length:
+            return None
+        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                            for k, v in self.layers])
+
+
+def _run_prefix(model, ids: list[int], device) -> _Prefix:
+    if not ids:
+        return _Prefix(0, [])
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    return _Prefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers])
+
+
+def _prefill(model, prefix: _Prefix, suffixes: list[list[int]], pad_id: int, device):
+    """One forward pass over suffixes (left-padded) on top of the shared prefix: the cache (rows laid out as
+    [prefix][pad][suffix]), the 2-D attention mask, each row's next position, the last-token logits."""
+    width = max(map(len, suffixes))
+    input_ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long, device=device)
+    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long, device=device)
+    for row, ids in enumerate(suffixes):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, device=device)
+        suffix_mask[row, width - len(ids):] = 1
+    prefix_mask = torch.ones((len(suffixes), prefix.length), dtype=torch.long, device=device)
+    attention_mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+    position_ids = (prefix.length + suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=prefix.cache_for(len(suffixes)), use_cache=True, logits_to_keep=1)
+    next_position = prefix.length + suffix_mask.sum(dim=1)
+    return out.past_key_values, attention_mask, next_position, out.logits[:, -1, :]
+
+
+def _left_pad_and_join(parts: list[tuple]) -> tuple:
+    """Join prefilled chunks of different widths into one decode batch by padding them on the left."""
+    width = max(mask.shape[1] for _, mask, _, _ in parts)
+    n_layers = len(parts[0][0].layers)
+    layers = []
+    for layer in range(n_layers):
+        keys, values = [], []
+        for cache, mask, _, _ in parts:
+            pad = width - mask.shape[1]
+            keys.append(F.pad(cache.layers[layer].keys, (0, 0, pad, 0)))
+            values.append(F.pad(cache.layers[layer].values, (0, 0, pad, 0)))
+        layers.append((torch.cat(keys), torch.cat(values)))
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _, _ in parts])
+    positions = torch.cat([p for _, _, p, _ in parts])
+    logits = torch.cat([lg for _, _, _, lg in parts])
+    return DynamicCache(ddp_cache_data=layers), mask, positions, logits
+
+
+def _token_chooser(settings: GenerationSettings):
+    processors = LogitsProcessorList([InfNanRemoveLogitsProcessor()])
+    if settings.do_sample:
+        processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        scores = processors(None, logits.float())
+        if settings.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return scores.argmax(dim=-1)
+
+    return choose
 
 
 @torch.no_grad()
@@ -124,56 +239,89 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     results: list[list[Generation] | None] = [None] * len(texts)
     stops = set(stop_token_ids(tokenizer))
+    closing = _closing_brace_tokens(tokenizer) if settings.stop_at_json_end else set()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    k = settings.num_return_sequences
+    choose = _token_chooser(settings)
     device = next(model.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     stats = stats if stats is not None else GenerationStats()
     try:
-        batches = [order[i: i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        started = time.time()
+        prefix_length = shared_prefix_length(encoded)
+        prefix = _run_prefix(model, encoded[0][:prefix_length] if encoded else [], device)
+        stats.n_prefill_tokens += prefix_length
+        stats.prefill_seconds += time.time() - started
+        stats.seconds += time.time() - started
+        per_batch = max(1, settings.batch_size // k)
+        batches = [order[i: i + per_batch] for i in range(0, len(order), per_batch)]
         bar = tqdm(batches, desc=desc, unit="batch", disable=not show_progress)
         for batch in bar:
             started = time.time()
-            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
-            prompt_length = inputs["input_ids"].shape[1]
-            criteria = StoppingCriteriaList([JsonEndCriteria(tokenizer, prompt_length)]
-                                            if settings.stop_at_json_end else [])
-            sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                            top_k=0) if settings.do_sample else dict(do_sample=False, temperature=None,
-                                                                     top_p=None, top_k=None)
-            output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens,
-                                    num_return_sequences=settings.num_return_sequences,
-                                    eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id,
-                                    stopping_criteria=criteria, remove_invalid_values=True, use_cache=True,
-                                    **sampling)
-            generated = output[:, prompt_length:].tolist()
-            n_tokens = 0
-            for row_index, prompt_index in enumerate(batch):
-                group = []
-                for k in range(settings.num_return_sequences):
-                    ids, stopped = _trim(generated[row_index * settings.num_return_sequences + k], stops,
-                                         tokenizer.pad_token_id)
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    end = json_object_end(text)
-                    finished = stopped or end >= 0
-                    group.append(Generation(text=text.strip(), token_ids=ids,
-                                            finish_reason="stop" if finished else "length"))
-                    n_tokens += len(ids)
-                results[prompt_index] = group
-            seconds = time.time() - started
+            suffixes = [encoded[i][prefix_length:] for i in batch]
+            parts = [_prefill(model, prefix, [suffixes[j] for j in chunk], pad_id, device)
+                     for chunk in prefill_chunks([len(s) for s in suffixes])]
+            cache, mask, positions, logits = _left_pad_and_join(parts)
+            if k > 1:
+                cache.batch_repeat_interleave(k)
+                mask, positions, logits = (t.repeat_interleave(k, dim=0) for t in (mask, positions, logits))
+            prefilled = time.time()
+            rows = [(prompt_index, j) for prompt_index in batch for j in range(k)]
+            generated: list[list[int]] = [[] for _ in rows]
+            finish = ["length"] * len(rows)
+            active = list(range(len(rows)))
+            steps = 0
+            while True:
+                tokens = choose(logits).tolist()
+                still_active = []
+                for row, token in zip(active, tokens):
+                    generated[row].append(token)
+                    if token in stops or (token in closing and json_object_end(
+                            tokenizer.decode(generated[row], skip_special_tokens=True)) >= 0):
+                        finish[row] = "stop"
+                    elif len(generated[row]) < settings.max_new_tokens:
+                        still_active.append(row)
+                if not still_active:
+                    break
+                if len(still_active) < len(active):  # drop finished rows from the batch
+                    keep = torch.tensor([active.index(row) for row in still_active], device=device)
+                    cache.batch_select_indices(keep)
+                    mask, positions = mask[keep], positions[keep]
+                    tokens = [tokens[i] for i in keep.tolist()]
+                active = still_active
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                out = model(input_ids=torch.tensor(tokens, device=device).unsqueeze(1), attention_mask=mask,
+                            position_ids=positions.unsqueeze(1), past_key_values=cache, use_cache=True)
+                cache, logits, positions = out.past_key_values, out.logits[:, -1, :], positions + 1
+                steps += 1
+            for row, (prompt_index, j) in enumerate(rows):
+                ids = generated[row]
+                if results[prompt_index] is None:
+                    results[prompt_index] = []
+                results[prompt_index].append(Generation(text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                                                        token_ids=ids, finish_reason=finish[row]))
+            finished = time.time()
+            n_tokens = sum(map(len, generated))
+            n_prefill = sum(part_mask.shape[0] * (part_mask.shape[1] - prefix_length)
+                            for _, part_mask, _, _ in parts)
             stats.n_prompts += len(batch)
-            stats.n_sequences += len(batch) * settings.num_return_sequences
+            stats.n_sequences += len(rows)
             stats.n_generated_tokens += n_tokens
-            stats.n_padded_prompt_tokens += int(inputs["input_ids"].numel())
-            stats.seconds += seconds
-            stats.per_batch.append({"size": len(batch), "prompt_length": prompt_length, "tokens": n_tokens,
-                                    "seconds": round(seconds, 3)})
+            stats.n_prefill_tokens += n_prefill
+            stats.n_prompt_tokens += sum(len(encoded[i]) for i in batch)
+            stats.n_decode_steps += steps
+            stats.prefill_seconds += prefilled - started
+            stats.decode_seconds += finished - prefilled
+            stats.seconds += finished - started
+            stats.per_batch.append({"size": len(batch), "prompt_length": len(encoded[batch[0]]),
+                                    "prefill_chunks": len(parts), "tokens": n_tokens, "decode_steps": steps,
+                                    "prefill_seconds": round(prefilled - started, 3),
+                                    "seconds": round(finished - started, 3)})
             bar.set_postfix(tok_s=f"{stats.tokens_per_second:.0f}")
     finally:
-        tokenizer.padding_side = saved_side
         if was_training:
             model.train()
     return results  # type: ignore[return-value]

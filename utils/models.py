@@ -70,7 +70,8 @@ def is_adapter(ckpt: str | Path) -> bool:
 
 def load_model(model_path: str | Path, ckpt: str | Path | None = None, device: torch.device | None = None,
                dtype: torch.dtype = torch.float32, trainable: bool = False):
-    """The base model, a LoRA checkpoint on it (with its base_adapters merged first), or a merged model."""
+    """The base model, a LoRA checkpoint on it (with its base_adapters merged first), or a merged model.
+    A LoRA checkpoint loaded for inference (trainable=False) comes back merged into a plain model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -84,6 +85,8 @@ def load_model(model_path: str | Path, ckpt: str | Path | None = None, device: t
             for adapter in base_adapters(ckpt):
                 model = PeftModel.from_pretrained(model, _require_dir(adapter, "base adapter")).merge_and_unload()
             model = PeftModel.from_pretrained(model, ckpt, is_trainable=trainable)
+            if not trainable:  # inference only: merged LoRA weights skip the adapter's extra matmuls
+                model = model.merge_and_unload()
     model.to(device)
     if not trainable:
         model.eval()

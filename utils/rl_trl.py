@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from transformers import TrainerCallback
 
 from utils.cli import ConfigFlag, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.config import ConfigError
@@ -205,6 +206,51 @@ class RewardRecorder:
         }
 
 
+class StepTimer(TrainerCallback):
+    """Seconds per optimizer step split into generation (trl's _generate), reward (the reward functions) and
+    training (the rest: log-probabilities, loss, backward, optimizer), added to each step's log record under the
+    same keys as PPO's (time_generation_s, time_reward_s, time_training_s, time_step_s). It must come before the
+    validation callback, so a step's time leaves validation out."""
+
+    def __init__(self):
+        self.parts = {"generation": 0.0, "reward": 0.0}
+        self.started = 0.0
+        self.finished_step: dict | None = None
+        self.steps: list[dict] = []
+
+    def timed(self, function, part: str):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.parts[part] += time.perf_counter() - started
+
+        return wrapper
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.parts = {"generation": 0.0, "reward": 0.0}
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        total = time.perf_counter() - self.started
+        self.finished_step = {"time_generation_s": self.parts["generation"], "time_reward_s": self.parts["reward"],
+                              "time_training_s": total - sum(self.parts.values()), "time_step_s": total}
+        self.steps.append(self.finished_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.finished_step is not None:
+            logs.update(self.finished_step)
+            if state.log_history:
+                state.log_history[-1].update(self.finished_step)
+            self.finished_step = None
+
+    def totals(self) -> dict:
+        return {part: round(sum(step[f"time_{part}_s"] for step in self.steps), 1)
+                for part in ("generation", "reward", "training", "step")}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # configuration -> trl arguments
 
@@ -331,9 +377,12 @@ def run_stage(method: RLMethod, description: str) -> int:
         validation = ValidationCallback(tokenizer, val_rows, calculator, settings_from_config(config, sampled=False),
                                         val_dir, algo["eval_every_steps"], args.seed, on_best=save_best)
         recorder = RewardRecorder(make_reward_functions(calculator), budget["num_generations"])
-        trainer = make_trainer(method, base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS), recorder.functions,
+        timer = StepTimer()
+        trainer = make_trainer(method, base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS),
+                               [timer.timed(function, "reward") for function in recorder.functions],
                                trl_arguments(method, config, out_dir, args.seed, device),
-                               [JsonLogCallback(log_path), validation], lora_config(config))
+                               [timer, JsonLogCallback(log_path), validation], lora_config(config))
+        trainer._generate = timer.timed(trainer._generate, "generation")
 
         validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
         result = trainer.train()
@@ -374,6 +423,7 @@ def run_stage(method: RLMethod, description: str) -> int:
             "final_frac_reward_zero_std": last_logged(history, "frac_reward_zero_std"),
             "train_examples": len(train_rows),
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+            "seconds": timer.totals(),
             "wall_time_s": round(time.time() - started, 1),
             "parameters": count_parameters(trainer.model),
             "logged_keys": logged, "missing_log_keys": missing,

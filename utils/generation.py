@@ -226,6 +226,48 @@ def _token_chooser(settings: GenerationSettings):
     return choose
 
 
+def _stop_rule(tokenizer, settings: GenerationSettings):
+    """ends(ids): whether a row whose newest token is ids[-1] is finished (end-of-turn / EOS, or the end of its
+    first complete JSON object; only a token holding a "}" can complete one, so only then is the text decoded)."""
+    stops = set(stop_token_ids(tokenizer))
+    closing = _closing_brace_tokens(tokenizer) if settings.stop_at_json_end else set()
+
+    def ends(ids: list[int]) -> bool:
+        return ids[-1] in stops or (ids[-1] in closing and
+                                    json_object_end(tokenizer.decode(ids, skip_special_tokens=True)) >= 0)
+
+    return ends
+
+
+def _decode(model, cache, mask, positions, logits, choose, ends, max_new_tokens: int):
+    """Decode every row from its prefilled state, all rows in one forward pass per step; a finished row leaves
+    the batch. Each row's generated ids and finish reason, and the number of forward passes."""
+    generated: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    finish = ["length"] * len(generated)
+    active, steps = list(range(len(generated))), 0
+    while True:
+        tokens = choose(logits).tolist()
+        going_on = []  # batch positions of the rows that continue
+        for index, (row, token) in enumerate(zip(active, tokens)):
+            generated[row].append(token)
+            if ends(generated[row]):
+                finish[row] = "stop"
+            elif len(generated[row]) < max_new_tokens:
+                going_on.append(index)
+        if not going_on:
+            return generated, finish, steps
+        if len(going_on) < len(active):
+            keep = torch.tensor(going_on, device=mask.device)
+            cache.batch_select_indices(keep)
+            mask, positions = mask[keep], positions[keep]
+            active, tokens = [active[i] for i in going_on], [tokens[i] for i in going_on]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        out = model(input_ids=torch.tensor(tokens, device=mask.device).unsqueeze(1), attention_mask=mask,
+                    position_ids=positions.unsqueeze(1), past_key_values=cache, use_cache=True)
+        cache, logits, positions = out.past_key_values, out.logits[:, -1, :], positions + 1
+        steps += 1
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc: str = "generating",
              seed: int | None = None, stats: GenerationStats | None = None,
@@ -237,12 +279,10 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    results: list[list[Generation] | None] = [None] * len(texts)
-    stops = set(stop_token_ids(tokenizer))
-    closing = _closing_brace_tokens(tokenizer) if settings.stop_at_json_end else set()
+    results: list[list[Generation]] = [[] for _ in texts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     k = settings.num_return_sequences
-    choose = _token_chooser(settings)
+    choose, ends = _token_chooser(settings), _stop_rule(tokenizer, settings)
     device = next(model.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)
@@ -253,9 +293,10 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
         started = time.time()
         prefix_length = shared_prefix_length(encoded)
         prefix = _run_prefix(model, encoded[0][:prefix_length] if encoded else [], device)
+        seconds = time.time() - started
         stats.n_prefill_tokens += prefix_length
-        stats.prefill_seconds += time.time() - started
-        stats.seconds += time.time() - started
+        stats.prefill_seconds += seconds
+        stats.seconds += seconds
         per_batch = max(1, settings.batch_size // k)
         batches = [order[i: i + per_batch] for i in range(0, len(order), per_batch)]
         bar = tqdm(batches, desc=desc, unit="batch", disable=not show_progress)
@@ -269,40 +310,12 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
                 cache.batch_repeat_interleave(k)
                 mask, positions, logits = (t.repeat_interleave(k, dim=0) for t in (mask, positions, logits))
             prefilled = time.time()
-            rows = [(prompt_index, j) for prompt_index in batch for j in range(k)]
-            generated: list[list[int]] = [[] for _ in rows]
-            finish = ["length"] * len(rows)
-            active = list(range(len(rows)))
-            steps = 0
-            while True:
-                tokens = choose(logits).tolist()
-                still_active = []
-                for row, token in zip(active, tokens):
-                    generated[row].append(token)
-                    if token in stops or (token in closing and json_object_end(
-                            tokenizer.decode(generated[row], skip_special_tokens=True)) >= 0):
-                        finish[row] = "stop"
-                    elif len(generated[row]) < settings.max_new_tokens:
-                        still_active.append(row)
-                if not still_active:
-                    break
-                if len(still_active) < len(active):  # drop finished rows from the batch
-                    keep = torch.tensor([active.index(row) for row in still_active], device=device)
-                    cache.batch_select_indices(keep)
-                    mask, positions = mask[keep], positions[keep]
-                    tokens = [tokens[i] for i in keep.tolist()]
-                active = still_active
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                out = model(input_ids=torch.tensor(tokens, device=device).unsqueeze(1), attention_mask=mask,
-                            position_ids=positions.unsqueeze(1), past_key_values=cache, use_cache=True)
-                cache, logits, positions = out.past_key_values, out.logits[:, -1, :], positions + 1
-                steps += 1
-            for row, (prompt_index, j) in enumerate(rows):
-                ids = generated[row]
-                if results[prompt_index] is None:
-                    results[prompt_index] = []
+            generated, finish, steps = _decode(model, cache, mask, positions, logits, choose, ends,
+                                               settings.max_new_tokens)
+            rows = [prompt_index for prompt_index in batch for _ in range(k)]
+            for prompt_index, ids, reason in zip(rows, generated, finish):
                 results[prompt_index].append(Generation(text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                                        token_ids=ids, finish_reason=finish[row]))
+                                                        token_ids=ids, finish_reason=reason))
             finished = time.time()
             n_tokens = sum(map(len, generated))
             n_prefill = sum(part_mask.shape[0] * (part_mask.shape[1] - prefix_length)
@@ -324,7 +337,7 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     finally:
         if was_training:
             model.train()
-    return results  # type: ignore[return-value]
+    return results
 
 
 def settings_from_config(config: dict, sampled: bool, **overrides) -> GenerationSettings:

@@ -1,8 +1,9 @@
 """Benchmark: generation throughput (the 04/10 path) against the plain ways and against the machine's limit.
 
-Three ways to greedy-decode the same prompts with the same model and stop rules, in this one process:
-  project        utils.generation.generate: shared-prefix KV cache, length-chunked prefill, a decode loop that
-                 drops finished rows
+Four ways to greedy-decode the same prompts with the same model and stop rules, in this one process:
+  project        utils.generation.generate: shared-prefix KV cache, length-chunked prefill, a preallocated KV
+                 cache, a decode loop that drops finished rows and checks prompt-lookup guesses
+  project_without_lookup  the same with generation.lookup_draft_tokens 0 (one token per row per step)
   hf_batched     transformers' model.generate on batches (left padding, prompts sorted by length)
   one_at_a_time  transformers' model.generate on each prompt alone (the plain loop)
 and the machine's limit: the measured matmul FLOP/s and memory bandwidth, turned into a tokens/s ceiling for this
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -85,12 +87,14 @@ def main() -> None:
     tokenizer = load_tokenizer(config["model"]["path"])
     model = load_model(config["model"]["path"], args.policy_ckpt, device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens or config["generation"]["max_new_tokens"],
-                                  batch_size=args.batch_size or config["generation"]["batch_size"])
+                                  batch_size=args.batch_size or config["generation"]["batch_size"],
+                                  lookup_draft_tokens=config["generation"]["lookup_draft_tokens"])
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
     machine = measure_machine()
     peak = machine["matmul_gflops"]
 
-    generate(model, tokenizer, prompts[:2], settings, show_progress=False)  # warm-up (allocations, kernels)
+    # warm-up: one full batch (the first pass over large buffers pays for fresh memory pages, later ones do not)
+    generate(model, tokenizer, prompts[:settings.batch_size], settings, show_progress=False)
     stats = GenerationStats()
     generations = generate(model, tokenizer, prompts, settings, stats=stats, desc="project")
     # The work a plain forward pass over every prompt and answer does (logits only where a token is chosen):
@@ -105,9 +109,18 @@ def main() -> None:
                     "decode_steps": stats.n_decode_steps})
     result = {"benchmark": "generation", "model": config["model"]["name"], "checkpoint": args.policy_ckpt,
               "n_prompts": len(prompts), "batch_size": settings.batch_size,
+              "lookup_draft_tokens": settings.lookup_draft_tokens,
               "max_new_tokens": settings.max_new_tokens, "mean_prompt_tokens": round(sum(prompt_lengths) / len(prompts), 1),
               "mean_answer_tokens": round(sum(answer_lengths) / len(prompts), 1), "device": str(device),
               "machine_limits": machine, "project": project}
+    if settings.lookup_draft_tokens:  # the same path without prompt-lookup guesses: what they add
+        plain_stats = GenerationStats()
+        generate(model, tokenizer, prompts, replace(settings, lookup_draft_tokens=0), stats=plain_stats,
+                 desc="project, no lookup")
+        result["project_without_lookup"] = _figures(plain_stats.seconds, plain_stats.n_generated_tokens, len(prompts),
+                                                    useful_flops, peak)
+        result["project_without_lookup"].update({"decode_seconds": round(plain_stats.decode_seconds, 2),
+                                                 "decode_steps": plain_stats.n_decode_steps})
     if not args.skip_hf_batched:
         seconds, tokens = hf_generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
         result["hf_batched"] = _figures(seconds, tokens, len(prompts), useful_flops, peak)

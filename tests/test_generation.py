@@ -1,8 +1,12 @@
 """The shared generation module on the tiny model."""
+from collections import Counter
+
+import pytest
 import torch
 
-from utils.generation import (GenerationSettings, GenerationStats, JsonEndCriteria, generate, json_object_end,
-                              stop_token_ids)
+from utils import generation
+from utils.generation import (GenerationSettings, GenerationStats, JsonEndCriteria, PromptLookup, generate,
+                              json_object_end, stop_token_ids)
 from utils.models import load_model, load_tokenizer
 from utils.prompts import prompt_messages, render_prompt
 
@@ -15,26 +19,80 @@ def test_json_object_end():
     assert json_object_end('{"a": "\\"}"}') == len('{"a": "\\"}"}')
 
 
-def test_batched_greedy_equals_plain_generate_one_at_a_time(tiny_model_dir):
-    """Shared prefix, length-chunked prefill with padding in the middle, dropping finished rows: none of it
-    may change what greedy decoding produces compared with transformers' own generate on each prompt alone."""
+@pytest.mark.parametrize("lookup_draft_tokens", [0, 3])
+def test_batched_greedy_equals_plain_generate_one_at_a_time(tiny_model_dir, monkeypatch, lookup_draft_tokens):
+    """Shared prefix, length-chunked prefill with padding in the middle, a preallocated KV cache, rows leaving
+    the batch as they finish (others moving into their places), guesses from prompt lookup checked in one pass:
+    none of it may change what greedy decoding produces compared with transformers' own generate on each prompt
+    alone."""
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_model(tiny_model_dir)
-    prompts = [prompt_messages(f"question {i} " + "word " * (i * 7), "revenue | 100 | 90") for i in range(5)]
-    settings = GenerationSettings(max_new_tokens=12, batch_size=4, stop_at_json_end=False)
-    stats = GenerationStats()
-    batched = generate(model, tokenizer, prompts, settings, stats=stats, show_progress=False)
-    assert len({len(batch_stats) for batch_stats in stats.per_batch}) == 1
-    assert stats.per_batch[0]["prefill_chunks"] > 1  # lengths vary enough to split the first batch
+    torch.manual_seed(0)
+    with torch.no_grad():  # the fixture's weights make every prompt repeat one token: diversify them
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    texts = [render_prompt(tokenizer, prompt_messages(f"question {i} " + "word " * (i * 7), "revenue | 100 | 90"))
+             for i in range(8)]
+    inputs = [tokenizer(text, return_tensors="pt", add_special_tokens=False) for text in texts]
+
+    def plain(stops):
+        outs = [model.generate(**x, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
+                               eos_token_id=stops, pad_token_id=tokenizer.pad_token_id) for x in inputs]
+        return [out[0, x["input_ids"].shape[1]:].tolist() for out, x in zip(outs, inputs)]
+
+    # The stop token: one of the tokens these answers hold, chosen so that rows finish at different steps and a
+    # continuing row has to move into the place of a finished one (the cache's compaction is then exercised).
+    unstopped = plain(None)
+    compactions = []
+
+    def recording_compacted(going_on):
+        order = compacted(going_on)
+        compactions.append(order != going_on)
+        return order
+
+    compacted = generation._compacted
+    monkeypatch.setattr(generation, "_compacted", recording_compacted)
+    settings = GenerationSettings(max_new_tokens=12, batch_size=8, stop_at_json_end=False,
+                                  lookup_draft_tokens=lookup_draft_tokens)
+    for stop, _ in Counter(token for ids in unstopped for token in set(ids)).most_common():
+        monkeypatch.setattr(generation, "stop_token_ids", lambda _: [stop])
+        stats, compactions[:] = GenerationStats(), []
+        batched = generate(model, tokenizer, texts, settings, stats=stats, show_progress=False)
+        if any(compactions):
+            break
+    assert any(compactions)
+    assert len(stats.per_batch) == 1 and stats.per_batch[0]["prefill_chunks"] > 1  # lengths vary enough to split
     assert stats.n_prefill_tokens < stats.n_prompt_tokens  # the shared prefix ran once
-    for prompt, group in zip(prompts, batched):
-        inputs = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
-        plain = model.generate(**inputs, max_new_tokens=12, do_sample=False, temperature=None, top_p=None,
-                               top_k=None, eos_token_id=stop_token_ids(tokenizer),
-                               pad_token_id=tokenizer.pad_token_id)
-        plain_ids = plain[0, inputs["input_ids"].shape[1]:].tolist()
+    expected = plain([stop])
+    for group, plain_ids in zip(batched, expected):
         assert group[0].token_ids == plain_ids
-        assert group[0].finish_reason == ("length" if len(plain_ids) == 12 else "stop")
+        assert group[0].finish_reason == ("length" if len(plain_ids) == 12 and plain_ids[-1] != stop else "stop")
+    if lookup_draft_tokens:  # some guesses were right: fewer passes than the longest answer needs one at a time
+        assert stats.n_decode_steps < max(map(len, expected)) - 1
+
+
+def test_prompt_lookup_guesses_what_followed_the_latest_match():
+    lookup = PromptLookup([5, 6, 7, 8, 1, 6, 7, 9, 4])
+    lookup.append(6)
+    assert lookup.draft(2) == [7, 9]  # (6,) was last followed by 7, 9: the latest occurrence wins
+    lookup.append(7)
+    lookup.append(8)
+    assert lookup.draft(3) == [1, 6, 7]  # (6, 7, 8) matches the start: the longest n-gram that matches
+    lookup.append(3)
+    assert lookup.draft(3) == []  # 3 never occurred before
+
+
+def test_preallocated_cache_keeps_the_rows_it_is_told_to(tiny_model_dir):
+    keys, values = torch.randn(6, 2, 10, 4), torch.randn(6, 2, 10, 4)
+    layer = generation._PreallocatedLayer(keys.clone(), values.clone(), filled=7)
+    layer.update(torch.ones(6, 2, 1, 4), torch.ones(6, 2, 1, 4))
+    expected_keys = torch.cat([keys[:, :, :7], torch.ones(6, 2, 1, 4)], dim=2)
+    order = generation._compacted([1, 3, 4, 5])  # rows 0 and 2 finished
+    assert sorted(order) == [1, 3, 4, 5] and order[1] == 1 and order[3] == 3  # staying rows keep their places
+    layer.batch_select_indices(torch.tensor(order))
+    assert torch.equal(layer.keys, expected_keys[order]) and layer.get_seq_length() == 8
+    layer.update(torch.zeros(4, 2, 2, 4), torch.zeros(4, 2, 2, 4))
+    assert layer.keys.shape == (4, 2, 10, 4) and torch.equal(layer.keys[:, :, :8], expected_keys[order])
 
 
 def test_rows_stop_at_json_end_and_others_continue(tiny_model_dir):

@@ -21,6 +21,7 @@ one-prompt-at-a-time `model.generate` (tests/test_generation.py).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import (DynamicCache, InfNanRemoveLogitsProcessor, LogitsProcessorList, StoppingCriteria,
                           TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
 
 from utils.prompts import render_prompt
 
@@ -41,6 +46,7 @@ class GenerationSettings:
     top_p: float = 1.0
     num_return_sequences: int = 1
     stop_at_json_end: bool = True
+    lookup_draft_tokens: int = 0  # greedy only: tokens guessed per step by prompt lookup and verified in one pass
 
 
 @dataclass
@@ -192,33 +198,132 @@ def _prefill(model, prefix: _Prefix, suffixes: list[list[int]], pad_id: int, dev
     return out.past_key_values, attention_mask, next_position, out.logits[:, -1, :]
 
 
-def _left_pad_and_join(parts: list[tuple]) -> tuple:
-    """Join prefilled chunks of different widths into one decode batch by padding them on the left."""
+class _PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in buffers sized for the whole generation, so that a decode step writes its token in
+    place: transformers' DynamicLayer grows by torch.cat, which reallocates and copies the whole cache every step
+    (half of a decode step at 32 rows of ~500 tokens here). keys/values are views of the live rows' filled part."""
+
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, filled: int):
+        super().__init__()
+        self.lazy_initialization(key_buffer, value_buffer)
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.rows, self.length = key_buffer.shape[0], filled
+        self._set_views()
+
+    def _set_views(self) -> None:
+        self.keys = self.key_buffer[:self.rows, :, :self.length]
+        self.values = self.value_buffer[:self.rows, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # only when drafts were written and rejected: grow by half
+            room = max(end, self.key_buffer.shape[-2] * 3 // 2) - self.key_buffer.shape[-2]
+            self.key_buffer = F.pad(self.key_buffer, (0, 0, 0, room))
+            self.value_buffer = F.pad(self.value_buffer, (0, 0, 0, room))
+        self.key_buffer[:self.rows, :, self.length:end] = key_states
+        self.value_buffer[:self.rows, :, self.length:end] = value_states
+        self.length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer[:self.rows].repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer[:self.rows].repeat_interleave(repeats, dim=0)
+        self.rows = self.key_buffer.shape[0]
+        self._set_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows `indices` (old row numbers, in their new order). Only rows whose place changes are
+        copied, so dropping finished rows in the order `_compacted` gives copies a few rows, not the cache."""
+        moved = [(new, old) for new, old in enumerate(indices.tolist()) if new != old]
+        if moved:
+            targets, sources = (torch.tensor(side, device=self.key_buffer.device) for side in zip(*moved))
+            self.key_buffer[targets] = self.key_buffer[sources]
+            self.value_buffer[targets] = self.value_buffer[sources]
+        self.rows = len(indices)
+        self._set_views()
+
+
+def _compacted(going_on: list[int]) -> list[int]:
+    """New row order when only the rows `going_on` (sorted) continue: a continuing row keeps its place when that
+    place is still inside the batch; the places of finished rows are taken by continuing rows from the end."""
+    n = len(going_on)
+    staying = [row for row in going_on if row < n]
+    movers = iter(row for row in going_on if row >= n)
+    staying_set = set(staying)
+    return [row if row in staying_set else next(movers) for row in range(n)]
+
+
+def _join(parts: list[tuple], room: int) -> tuple:
+    """Join prefilled chunks of different widths into one decode batch, left-padded to the widest, in a KV cache
+    with room for `room` more tokens per row."""
     width = max(mask.shape[1] for _, mask, _, _ in parts)
-    n_layers = len(parts[0][0].layers)
+    rows = sum(mask.shape[0] for _, mask, _, _ in parts)
     layers = []
-    for layer in range(n_layers):
-        keys, values = [], []
-        for cache, mask, _, _ in parts:
-            pad = width - mask.shape[1]
-            keys.append(F.pad(cache.layers[layer].keys, (0, 0, pad, 0)))
-            values.append(F.pad(cache.layers[layer].values, (0, 0, pad, 0)))
-        layers.append((torch.cat(keys), torch.cat(values)))
+    for layer in range(len(parts[0][0].layers)):
+        first = parts[0][0].layers[layer].keys
+        batch_shape = (rows, first.shape[1], width + room, first.shape[3])
+        keys, values = first.new_zeros(batch_shape), first.new_zeros(batch_shape)
+        row = 0
+        for part_cache, mask, _, _ in parts:
+            start, end = width - mask.shape[1], row + mask.shape[0]
+            keys[row:end, :, start:width] = part_cache.layers[layer].keys
+            values[row:end, :, start:width] = part_cache.layers[layer].values
+            row = end
+        layers.append(_PreallocatedLayer(keys, values, filled=width))
     mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _, _ in parts])
     positions = torch.cat([p for _, _, p, _ in parts])
     logits = torch.cat([lg for _, _, _, lg in parts])
-    return DynamicCache(ddp_cache_data=layers), mask, positions, logits
+    return Cache(layers=layers), mask, positions, logits
+
+
+def _sdpa_grouped_query(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, except where several query tokens per row attend under a mask (prefill
+    chunks, steps that check guesses): there transformers copies the keys and values for every query head
+    (repeat_kv), ~7x slower here than stacking a group's query heads along the sequence, as it does for one."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, dim = query.shape
+    if (groups == 1 or length == 1 or attention_mask is None or attention_mask.dtype != torch.bool
+            or attention_mask.shape[1] != 1 or kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    stacked = query.reshape(batch, heads // groups, groups * length, dim)  # a group's heads one after another
+    out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=attention_mask.repeat(1, 1, groups, 1),
+                                         scale=kwargs.get("scaling"))
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_grouped_query", _sdpa_grouped_query)
+AttentionMaskInterface.register("sdpa_grouped_query", sdpa_mask)
+
+
+@contextmanager
+def _generating(model):
+    """Evaluation mode, and _sdpa_grouped_query in place of SDPA attention, while generating."""
+    was_training, config = model.training, model.config
+    attention = config._attn_implementation
+    model.eval()
+    if attention == "sdpa":
+        config._attn_implementation = "sdpa_grouped_query"
+    try:
+        yield
+    finally:
+        config._attn_implementation = attention
+        model.train(was_training)
 
 
 def _token_chooser(settings: GenerationSettings):
-    processors = LogitsProcessorList([InfNanRemoveLogitsProcessor()])
+    remove_inf_nan = InfNanRemoveLogitsProcessor()
+    warpers = LogitsProcessorList()
     if settings.do_sample:
-        processors.append(TemperatureLogitsWarper(settings.temperature))
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
         if settings.top_p < 1.0:
-            processors.append(TopPLogitsWarper(settings.top_p))
+            warpers.append(TopPLogitsWarper(settings.top_p))
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
-        scores = processors(None, logits.float())
+        scores = logits.float()
+        if not torch.isfinite(scores).all():  # one pass to check; the replacement makes several
+            scores = remove_inf_nan(None, scores)
+        scores = warpers(None, scores)
         if settings.do_sample:
             return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         return scores.argmax(dim=-1)
@@ -239,33 +344,88 @@ def _stop_rule(tokenizer, settings: GenerationSettings):
     return ends
 
 
-def _decode(model, cache, mask, positions, logits, choose, ends, max_new_tokens: int):
+class PromptLookup:
+    """Guesses a row's next tokens from its own text so far (prompt and answer): the tokens that followed the
+    latest earlier occurrence of its last n tokens, longest n first. FinQA answers copy numbers, table labels and
+    operation names from the prompt, and repeat themselves ("#0", the answer's number)."""
+
+    def __init__(self, ids: list[int], max_ngram: int = 3):
+        self.ids: list[int] = []
+        self.max_ngram = max_ngram
+        self.following: dict[tuple, int] = {}  # n-gram -> index of the token after its latest occurrence
+        for token in ids:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        self.ids.append(token)
+        end = len(self.ids) - 1  # the n-grams that end just before the new token are followed by it
+        for n in range(1, min(self.max_ngram, end) + 1):
+            self.following[tuple(self.ids[end - n:end])] = end
+
+    def draft(self, n_tokens: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(self.ids)), 0, -1):
+            start = self.following.get(tuple(self.ids[-n:]))
+            if start is not None:
+                return self.ids[start:start + n_tokens]
+        return []
+
+
+def _decode(model, cache, mask, positions, logits, choose, ends, max_new_tokens: int,
+            lookups: list[PromptLookup] | None = None, n_guesses: int = 0):
     """Decode every row from its prefilled state, all rows in one forward pass per step; a finished row leaves
-    the batch. Each row's generated ids and finish reason, and the number of forward passes."""
+    the batch. Each row's generated ids and finish reason, and the number of forward passes.
+
+    With prompt lookups (greedy decoding only), each row also feeds the n_guesses tokens its lookup guesses next; the
+    same pass scores them all, and a row keeps its guesses up to the first one that differs from the token the
+    model chooses there, plus that choice: speculative decoding with drafts from the prompt. It yields the tokens
+    one-at-a-time decoding would (the model verifies every token), in fewer passes. Rejected guesses stay in the
+    cache, masked out."""
     generated: list[list[int]] = [[] for _ in range(mask.shape[0])]
     finish = ["length"] * len(generated)
     active, steps = list(range(len(generated))), 0
+    chosen = [[token] for token in choose(logits).tolist()]  # per active row; the last is not in the cache yet
     while True:
-        tokens = choose(logits).tolist()
         going_on = []  # batch positions of the rows that continue
-        for index, (row, token) in enumerate(zip(active, tokens)):
-            generated[row].append(token)
-            if ends(generated[row]):
-                finish[row] = "stop"
-            elif len(generated[row]) < max_new_tokens:
+        for index, row in enumerate(active):
+            for token in chosen[index]:
+                generated[row].append(token)
+                if lookups:
+                    lookups[row].append(token)
+                if ends(generated[row]):
+                    finish[row] = "stop"
+                    break
+                if len(generated[row]) >= max_new_tokens:
+                    break
+            else:
                 going_on.append(index)
         if not going_on:
             return generated, finish, steps
+        last = [tokens[-1] for tokens in chosen]
         if len(going_on) < len(active):
-            keep = torch.tensor(going_on, device=mask.device)
+            order = _compacted(going_on)
+            keep = torch.tensor(order, device=mask.device)
             cache.batch_select_indices(keep)
             mask, positions = mask[keep], positions[keep]
-            active, tokens = [active[i] for i in going_on], [tokens[i] for i in going_on]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        out = model(input_ids=torch.tensor(tokens, device=mask.device).unsqueeze(1), attention_mask=mask,
-                    position_ids=positions.unsqueeze(1), past_key_values=cache, use_cache=True)
-        cache, logits, positions = out.past_key_values, out.logits[:, -1, :], positions + 1
+            active, last = [active[i] for i in order], [last[i] for i in order]
+        guesses = [lookups[row].draft(n_guesses) if lookups else [] for row in active]
+        # rows with fewer guesses are filled up with their last token: checked like any guess
+        input_ids = torch.tensor([[token] + guess + [token] * (n_guesses - len(guess))
+                                  for token, guess in zip(last, guesses)], device=mask.device)
+        width = input_ids.shape[1]
+        offsets = torch.arange(width, device=mask.device)
+        mask = torch.cat([mask, mask.new_ones((len(active), width))], dim=1)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions.unsqueeze(1) + offsets,
+                    past_key_values=cache, use_cache=True)
         steps += 1
+        choices = choose(out.logits.reshape(-1, out.logits.shape[-1])).view(len(active), width).tolist()
+        chosen, accepted = [], []
+        for fed, choice in zip(input_ids[:, 1:].tolist(), choices):
+            n_right = next((i for i, (guess, right) in enumerate(zip(fed, choice)) if guess != right), len(fed))
+            chosen.append(fed[:n_right] + [choice[n_right]])
+            accepted.append(n_right)
+        n_accepted = torch.tensor(accepted, device=mask.device)
+        mask[:, -width:] = (offsets <= n_accepted.unsqueeze(1)).to(mask.dtype)
+        cache, positions = out.past_key_values, positions + 1 + n_accepted
 
 
 @torch.no_grad()
@@ -286,10 +446,8 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     device = next(model.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
     stats = stats if stats is not None else GenerationStats()
-    try:
+    with _generating(model):
         started = time.time()
         prefix_length = shared_prefix_length(encoded)
         prefix = _run_prefix(model, encoded[0][:prefix_length] if encoded else [], device)
@@ -305,13 +463,15 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
             suffixes = [encoded[i][prefix_length:] for i in batch]
             parts = [_prefill(model, prefix, [suffixes[j] for j in chunk], pad_id, device)
                      for chunk in prefill_chunks([len(s) for s in suffixes])]
-            cache, mask, positions, logits = _left_pad_and_join(parts)
+            cache, mask, positions, logits = _join(parts, room=settings.max_new_tokens)
             if k > 1:
                 cache.batch_repeat_interleave(k)
                 mask, positions, logits = (t.repeat_interleave(k, dim=0) for t in (mask, positions, logits))
             prefilled = time.time()
+            lookups = ([PromptLookup(encoded[i]) for i in batch for _ in range(k)]
+                       if settings.lookup_draft_tokens and not settings.do_sample else None)
             generated, finish, steps = _decode(model, cache, mask, positions, logits, choose, ends,
-                                               settings.max_new_tokens)
+                                               settings.max_new_tokens, lookups, settings.lookup_draft_tokens)
             rows = [prompt_index for prompt_index in batch for _ in range(k)]
             for prompt_index, ids, reason in zip(rows, generated, finish):
                 results[prompt_index].append(Generation(text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
@@ -334,9 +494,6 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
                                     "prefill_seconds": round(prefilled - started, 3),
                                     "seconds": round(finished - started, 3)})
             bar.set_postfix(tok_s=f"{stats.tokens_per_second:.0f}")
-    finally:
-        if was_training:
-            model.train()
     return results
 
 
@@ -344,7 +501,8 @@ def settings_from_config(config: dict, sampled: bool, **overrides) -> Generation
     gen = config["generation"]
     settings = GenerationSettings(max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"],
                                   do_sample=sampled, temperature=gen["temperature"] if sampled else 1.0,
-                                  top_p=gen["top_p"] if sampled else 1.0)
+                                  top_p=gen["top_p"] if sampled else 1.0,
+                                  lookup_draft_tokens=0 if sampled else gen["lookup_draft_tokens"])
     for key, value in overrides.items():
         if value is not None:
             setattr(settings, key, value)

@@ -8,9 +8,11 @@ decode step is overhead- and bandwidth-bound, so batching makes it ~10x cheaper 
   its KV cache is reused by every prompt, so each prompt's prefill covers only its own question and context.
 - Prompts are sorted by length; a decode batch is prefilled in chunks of similar length (little padding), and
   each prompt is prefilled once however many sequences it returns (the cache is repeated for sampling).
-- The decode loop runs all rows of the batch with the KV cache and drops rows as they finish, so a long answer
-  does not make the short ones pay for its steps. A row stops at end-of-turn / EOS or at the end of its first
-  complete JSON object, whichever comes first.
+- The decode loop runs all rows of the batch with a KV cache preallocated for the whole answer (no copy per
+  step) and drops rows as they finish, so a long answer does not make the short ones pay for its steps. A row
+  stops at end-of-turn / EOS or at the end of its first complete JSON object, whichever comes first.
+- Greedy decoding also feeds, per row and step, a few tokens guessed by prompt lookup (answers copy numbers and
+  names from the prompt) and keeps those the model itself would have chosen: fewer, fuller decode steps.
 - inf/nan logits are replaced before choosing a token (transformers' InfNanRemoveLogitsProcessor), so a
   numerically unstable checkpoint degrades instead of crashing the sampler.
 

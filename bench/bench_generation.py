@@ -93,7 +93,7 @@ def main() -> None:
     machine = measure_machine()
     peak = machine["matmul_gflops"]
 
-    # warm-up: one full batch (the first pass over large buffers pays for fresh memory pages, later ones do not)
+    # warm-up at full size, so that first-use costs (allocations, kernel choices) fall outside the timed pass
     generate(model, tokenizer, prompts[:settings.batch_size], settings, show_progress=False)
     stats = GenerationStats()
     generations = generate(model, tokenizer, prompts, settings, stats=stats, desc="project")

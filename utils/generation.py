@@ -249,11 +249,9 @@ class _PreallocatedLayer(DynamicLayer):
 def _compacted(going_on: list[int]) -> list[int]:
     """New row order when only the rows `going_on` (sorted) continue: a continuing row keeps its place when that
     place is still inside the batch; the places of finished rows are taken by continuing rows from the end."""
-    n = len(going_on)
-    staying = [row for row in going_on if row < n]
+    n, continuing = len(going_on), set(going_on)
     movers = iter(row for row in going_on if row >= n)
-    staying_set = set(staying)
-    return [row if row in staying_set else next(movers) for row in range(n)]
+    return [row if row in continuing else next(movers) for row in range(n)]
 
 
 def _join(parts: list[tuple], room: int) -> tuple:
@@ -503,8 +501,7 @@ def settings_from_config(config: dict, sampled: bool, **overrides) -> Generation
     gen = config["generation"]
     settings = GenerationSettings(max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"],
                                   do_sample=sampled, temperature=gen["temperature"] if sampled else 1.0,
-                                  top_p=gen["top_p"] if sampled else 1.0,
-                                  lookup_draft_tokens=0 if sampled else gen["lookup_draft_tokens"])
+                                  top_p=gen["top_p"] if sampled else 1.0, lookup_draft_tokens=gen["lookup_draft_tokens"])
     for key, value in overrides.items():
         if value is not None:
             setattr(settings, key, value)

@@ -8,15 +8,17 @@ Four ways to greedy-decode the same prompts with the same model and stop rules, 
   one_at_a_time  transformers' model.generate on each prompt alone (the plain loop)
 and the machine's limit: the measured matmul FLOP/s and memory bandwidth, turned into a tokens/s ceiling for this
 model and these prompts (all FLOPs at peak; and, for decoding one prompt at a time, reading the weights once per
-token). Ratios within one run are the result; absolute figures are this machine's.
+token). Ratios within one run are the result; absolute figures are this machine's. With --repeats N every path
+runs N times in turn and the figures are medians (the speed-up: the median of each repeat's ratio).
 
-    python bench/bench_generation.py --policy_ckpt outputs/run_001/03_sft/ckpt_sft/best --n_prompts 32
+    python bench/bench_generation.py --policy_ckpt outputs/run_001/03_sft/ckpt_sft/best --n_prompts 32 --repeats 3
 
 Writes bench/results/generation.json (or --output).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=None, help="default: generation.batch_size")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: generation.max_new_tokens")
     parser.add_argument("--skip_hf_batched", action="store_true", help="leave out transformers' batched generate")
+    parser.add_argument("--repeats", type=int, default=1, help="measure every path this many times, in turn; "
+                        "the figures are the medians")
     parser.add_argument("--output", default="bench/results/generation.json")
     args = parser.parse_args()
 
@@ -95,37 +99,57 @@ def main() -> None:
 
     # warm-up at full size, so that first-use costs (allocations, kernel choices) fall outside the timed pass
     generate(model, tokenizer, prompts[:settings.batch_size], settings, show_progress=False)
-    stats = GenerationStats()
-    generations = generate(model, tokenizer, prompts, settings, stats=stats, desc="project")
+
+    def project_path(path_settings: GenerationSettings, desc: str):
+        stats = GenerationStats()
+        generations = generate(model, tokenizer, prompts, path_settings, stats=stats, desc=desc)
+        return stats.seconds, stats.n_generated_tokens, stats, generations
+
+    paths = {"project": lambda: project_path(settings, "project")}
+    if settings.lookup_draft_tokens:  # the same path without prompt-lookup guesses: what they add
+        paths["project_without_lookup"] = lambda: project_path(replace(settings, lookup_draft_tokens=0),
+                                                               "project, no lookup")
+    if not args.skip_hf_batched:
+        paths["hf_batched"] = lambda: hf_generate(model, tokenizer, prompts, settings.max_new_tokens,
+                                                  settings.batch_size)
+    paths["one_at_a_time"] = lambda: hf_generate(model, tokenizer, prompts, settings.max_new_tokens, 1)
+    # Repeats run every path in turn, so that each repeat's ratios compare paths measured minutes apart; this
+    # CPU's speed drifts by up to ~20% over longer spans. The result is the median over repeats.
+    runs: dict[str, list] = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name, run in paths.items():
+            runs[name].append(run())
+    stats, generations = runs["project"][0][2], runs["project"][0][3]
+
     # The work a plain forward pass over every prompt and answer does (logits only where a token is chosen):
     # the same yardstick for every path, so its utilisation figures compare directly.
     prompt_lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in prompts]
     answer_lengths = [group[0].n_tokens for group in generations]
     useful_flops = sum(forward_flops(model, p, p / 2, n_logits=1) + forward_flops(model, a, p + a / 2)
                        for p, a in zip(prompt_lengths, answer_lengths))
-    project = _figures(stats.seconds, stats.n_generated_tokens, len(prompts), useful_flops, peak)
-    project.update({"prefill_seconds": round(stats.prefill_seconds, 2), "decode_seconds": round(stats.decode_seconds, 2),
-                    "prompt_tokens": stats.n_prompt_tokens, "prefill_tokens": stats.n_prefill_tokens,
-                    "decode_steps": stats.n_decode_steps})
+
+    def figures(name: str) -> dict:
+        seconds = statistics.median(run[0] for run in runs[name])
+        tokens = runs[name][0][1]
+        if any(run[1] != tokens for run in runs[name]):
+            raise SystemExit(f"{name}: generated token counts differ between repeats (greedy decoding should not)")
+        result = _figures(seconds, tokens, len(prompts), useful_flops, peak)
+        result["seconds_per_repeat"] = [round(run[0], 2) for run in runs[name]]
+        if name.startswith("project"):
+            result.update({"prefill_seconds": round(statistics.median(run[2].prefill_seconds for run in runs[name]), 2),
+                           "decode_seconds": round(statistics.median(run[2].decode_seconds for run in runs[name]), 2),
+                           "prompt_tokens": stats.n_prompt_tokens, "prefill_tokens": stats.n_prefill_tokens,
+                           "decode_steps": runs[name][0][2].n_decode_steps})
+        return result
+
     result = {"benchmark": "generation", "model": config["model"]["name"], "checkpoint": args.policy_ckpt,
               "n_prompts": len(prompts), "batch_size": settings.batch_size,
               "lookup_draft_tokens": settings.lookup_draft_tokens,
               "max_new_tokens": settings.max_new_tokens, "mean_prompt_tokens": round(sum(prompt_lengths) / len(prompts), 1),
               "mean_answer_tokens": round(sum(answer_lengths) / len(prompts), 1), "device": str(device),
-              "machine_limits": machine, "project": project}
-    if settings.lookup_draft_tokens:  # the same path without prompt-lookup guesses: what they add
-        plain_stats = GenerationStats()
-        generate(model, tokenizer, prompts, replace(settings, lookup_draft_tokens=0), stats=plain_stats,
-                 desc="project, no lookup")
-        result["project_without_lookup"] = _figures(plain_stats.seconds, plain_stats.n_generated_tokens, len(prompts),
-                                                    useful_flops, peak)
-        result["project_without_lookup"].update({"decode_seconds": round(plain_stats.decode_seconds, 2),
-                                                 "decode_steps": plain_stats.n_decode_steps})
-    if not args.skip_hf_batched:
-        seconds, tokens = hf_generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size)
-        result["hf_batched"] = _figures(seconds, tokens, len(prompts), useful_flops, peak)
-    seconds, tokens = hf_generate(model, tokenizer, prompts, settings.max_new_tokens, 1)
-    result["one_at_a_time"] = plain = _figures(seconds, tokens, len(prompts), useful_flops, peak)
+              "repeats": args.repeats, "machine_limits": machine}
+    result.update({name: figures(name) for name in paths})
+    project, plain = result["project"], result["one_at_a_time"]
 
     compute_bound = useful_flops / (peak * 1e9)
     one_at_a_time_bandwidth_bound = stats.n_generated_tokens * weight_bytes(model) / (machine["memory_gb_per_s"] * 1e9)
@@ -134,14 +158,16 @@ def main() -> None:
         "tokens_per_second_one_at_a_time_weights_read_per_token": round(
             stats.n_generated_tokens / (one_at_a_time_bandwidth_bound + compute_bound), 2),
     }
-    result["speedup_vs_one_at_a_time"] = {
-        "examples_per_second": round(project["examples_per_second"] / plain["examples_per_second"], 2),
-        "tokens_per_second": round(project["tokens_per_second"] / plain["tokens_per_second"], 2)}
+    # the same prompts in every path: the examples/s ratio is the ratio of seconds
+    per_repeat = [round(slow[0] / fast[0], 2) for fast, slow in zip(runs["project"], runs["one_at_a_time"])]
+    result["speedup_vs_one_at_a_time"] = {"median": round(statistics.median(per_repeat), 2),
+                                          "per_repeat": per_repeat}
     if "hf_batched" in result:
-        result["speedup_vs_hf_batched_examples_per_second"] = round(
-            project["examples_per_second"] / result["hf_batched"]["examples_per_second"], 2)
+        result["speedup_vs_hf_batched"] = round(statistics.median(
+            slow[0] / fast[0] for fast, slow in zip(runs["project"], runs["hf_batched"])), 2)
     write_result(args.output, result)
-    print(f"project / one-at-a-time: {result['speedup_vs_one_at_a_time']['examples_per_second']}x examples/s; "
+    speedup = result["speedup_vs_one_at_a_time"]
+    print(f"project / one-at-a-time: {speedup['median']}x (median of {args.repeats} repeats: {speedup['per_repeat']}); "
           f"model FLOPs utilisation {project['model_flops_utilisation']:.0%}")
 
 

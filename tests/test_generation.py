@@ -19,12 +19,14 @@ def test_json_object_end():
     assert json_object_end('{"a": "\\"}"}') == len('{"a": "\\"}"}')
 
 
-@pytest.mark.parametrize("lookup_draft_tokens", [0, 3])
-def test_batched_greedy_equals_plain_generate_one_at_a_time(tiny_model_dir, monkeypatch, lookup_draft_tokens):
-    """Shared prefix, length-chunked prefill with padding in the middle, a preallocated KV cache, rows leaving
-    the batch as they finish (others moving into their places), guesses from prompt lookup checked in one pass:
-    none of it may change what greedy decoding produces compared with transformers' own generate on each prompt
-    alone."""
+@pytest.mark.parametrize("lookup_draft_tokens, shared_prefix", [(0, True), (3, True), (3, False)])
+def test_batched_greedy_equals_plain_generate_one_at_a_time(tiny_model_dir, monkeypatch, lookup_draft_tokens,
+                                                            shared_prefix):
+    """Shared prefix, length-chunked prefill with padding in the middle, written into a preallocated KV cache,
+    rows leaving the batch as they finish (others moving into their places), guesses from prompt lookup checked
+    in one pass: none of it may change what greedy decoding produces compared with transformers' own generate on
+    each prompt alone. Prompts that share no first token take the path where the cache's buffers are made from
+    the first chunk's keys."""
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_model(tiny_model_dir)
     torch.manual_seed(0)
@@ -33,7 +35,11 @@ def test_batched_greedy_equals_plain_generate_one_at_a_time(tiny_model_dir, monk
             parameter.add_(torch.randn_like(parameter) * 0.2)
     texts = [render_prompt(tokenizer, prompt_messages(f"question {i} " + "word " * (i * 7), "revenue | 100 | 90"))
              for i in range(8)]
+    if not shared_prefix:
+        texts = [f"{first} {text}" for first, text in zip(["alpha", "beta", "gamma", "delta", "epsilon", "zeta",
+                                                               "eta", "theta"], texts)]
     inputs = [tokenizer(text, return_tensors="pt", add_special_tokens=False) for text in texts]
+    assert (generation.shared_prefix_length([x["input_ids"][0].tolist() for x in inputs]) > 0) == shared_prefix
 
     def plain(stops):
         outs = [model.generate(**x, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -62,7 +68,8 @@ def test_batched_greedy_equals_plain_generate_one_at_a_time(tiny_model_dir, monk
             break
     assert any(compactions)
     assert len(stats.per_batch) == 1 and stats.per_batch[0]["prefill_chunks"] > 1  # lengths vary enough to split
-    assert stats.n_prefill_tokens < stats.n_prompt_tokens  # the shared prefix ran once
+    if shared_prefix:
+        assert stats.n_prefill_tokens < stats.n_prompt_tokens  # the shared prefix ran once
     expected = plain([stop])
     for group, plain_ids in zip(batched, expected):
         assert group[0].token_ids == plain_ids

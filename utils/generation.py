@@ -8,8 +8,9 @@ decode step is overhead- and bandwidth-bound, so batching makes it ~10x cheaper 
   its KV cache is reused by every prompt, so each prompt's prefill covers only its own question and context.
 - Prompts are sorted by length; a decode batch is prefilled in chunks of similar length (little padding), and
   each prompt is prefilled once however many sequences it returns (the cache is repeated for sampling).
-- The decode loop runs all rows of the batch with a KV cache preallocated for the whole answer (no copy per
-  step) and drops rows as they finish, so a long answer does not make the short ones pay for its steps. A row
+- The prefill chunks write into a KV cache preallocated for the whole answer, and the decode loop writes each
+  step's tokens into it in place (no copy of the cache per step or per chunk). The loop runs all rows of the
+  batch and drops rows as they finish, so a long answer does not make the short ones pay for its steps. A row
   stops at end-of-turn / EOS or at the end of its first complete JSON object, whichever comes first.
 - Greedy decoding also feeds, per row and step, a few tokens guessed by prompt lookup (answers copy numbers and
   names from the prompt) and keeps those the model itself would have chosen: fewer, fuller decode steps.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import (DynamicCache, InfNanRemoveLogitsProcessor, LogitsProcessorList, StoppingCriteria,
+from transformers import (InfNanRemoveLogitsProcessor, LogitsProcessorList, StoppingCriteria,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -167,12 +168,6 @@ class _Prefix:
     length: int
     layers: list
 
-    def cache_for(self, batch: int) -> DynamicCache | None:
-        if not self.length:
-            return None
-        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                            for k, v in self.layers])
-
 
 def _run_prefix(model, ids: list[int], device) -> _Prefix:
     if not ids:
@@ -180,24 +175,6 @@ def _run_prefix(model, ids: list[int], device) -> _Prefix:
     out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     return _Prefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers])
-
-
-def _prefill(model, prefix: _Prefix, suffixes: list[list[int]], pad_id: int, device):
-    """One forward pass over suffixes (left-padded) on top of the shared prefix: the cache (rows laid out as
-    [prefix][pad][suffix]), the 2-D attention mask, each row's next position, the last-token logits."""
-    width = max(map(len, suffixes))
-    input_ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long, device=device)
-    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long, device=device)
-    for row, ids in enumerate(suffixes):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, device=device)
-        suffix_mask[row, width - len(ids):] = 1
-    prefix_mask = torch.ones((len(suffixes), prefix.length), dtype=torch.long, device=device)
-    attention_mask = torch.cat([prefix_mask, suffix_mask], dim=1)
-    position_ids = (prefix.length + suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=prefix.cache_for(len(suffixes)), use_cache=True, logits_to_keep=1)
-    next_position = prefix.length + suffix_mask.sum(dim=1)
-    return out.past_key_values, attention_mask, next_position, out.logits[:, -1, :]
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -254,27 +231,76 @@ def _compacted(going_on: list[int]) -> list[int]:
     return [row if row in continuing else next(movers) for row in range(n)]
 
 
-def _join(parts: list[tuple], room: int) -> tuple:
-    """Join prefilled chunks of different widths into one decode batch, left-padded to the widest, in a KV cache
-    with room for `room` more tokens per row."""
-    width = max(mask.shape[1] for _, mask, _, _ in parts)
-    rows = sum(mask.shape[0] for _, mask, _, _ in parts)
-    layers = []
-    for layer in range(len(parts[0][0].layers)):
-        first = parts[0][0].layers[layer].keys
-        batch_shape = (rows, first.shape[1], width + room, first.shape[3])
-        keys, values = first.new_zeros(batch_shape), first.new_zeros(batch_shape)
-        row = 0
-        for part_cache, mask, _, _ in parts:
-            start, end = width - mask.shape[1], row + mask.shape[0]
-            keys[row:end, :, start:width] = part_cache.layers[layer].keys
-            values[row:end, :, start:width] = part_cache.layers[layer].values
-            row = end
-        layers.append(_PreallocatedLayer(keys, values, filled=width))
-    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _, _ in parts])
-    positions = torch.cat([p for _, _, p, _ in parts])
-    logits = torch.cat([lg for _, _, _, lg in parts])
-    return Cache(layers=layers), mask, positions, logits
+class _BatchBuffers:
+    """A decode batch's keys and values per layer, in buffers with room for the whole generation. Prefill chunks
+    write into them in place, so the batch's cache is never built twice. A layer's buffers are made when its first
+    keys are known (the shared prefix's, or the first chunk's): they give the number of heads and the head size.
+    Unfilled places stay zero (masked out; garbage there could be inf/nan, which a mask does not cancel)."""
+
+    def __init__(self, rows: int, width: int, room: int):
+        self.rows, self.width, self.room = rows, width, room
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def chunk_layer(self, index: int, rows: slice, start: int, like: torch.Tensor,
+                    prefix: tuple | None = None) -> _PreallocatedLayer:
+        """Layer `index` of the rows `rows`, from column `start` on, holding the shared prefix when given."""
+        if index == len(self.keys):
+            shape = (self.rows, like.shape[1], self.width + self.room, like.shape[3])
+            self.keys.append(like.new_zeros(shape))
+            self.values.append(like.new_zeros(shape))
+        keys, values = self.keys[index][rows, :, start:], self.values[index][rows, :, start:]
+        filled = 0
+        if prefix is not None:
+            filled = prefix[0].shape[-2]
+            keys[:, :, :filled], values[:, :, :filled] = prefix
+        return _PreallocatedLayer(keys, values, filled)
+
+    def decode_cache(self) -> Cache:
+        return Cache(layers=[_PreallocatedLayer(keys, values, filled=self.width)
+                             for keys, values in zip(self.keys, self.values)])
+
+
+class _ChunkCache(Cache):
+    """The cache one prefill chunk runs with: views of its rows of the batch's buffers, shared prefix first."""
+
+    def __init__(self, buffers: _BatchBuffers, rows: slice, start: int, prefix: _Prefix):
+        super().__init__(layers=[buffers.chunk_layer(index, rows, start, keys, (keys, values))
+                                 for index, (keys, values) in enumerate(prefix.layers)])
+        self.buffers, self.rows, self.start = buffers, rows, start
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == len(self.layers):  # no shared prefix: the layer is made when its first keys arrive
+            self.layers.append(self.buffers.chunk_layer(layer_idx, self.rows, self.start, key_states))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _prefill(model, prefix: _Prefix, suffixes: list[list[int]], chunks: list[list[int]], pad_id: int, room: int):
+    """Run a decode batch's prompts (sorted longest first, after the shared prefix) chunk by chunk into one KV
+    cache with room for `room` more tokens per row. Rows are laid out as [pad][prefix][pad][suffix], left-padded
+    to the longest, and every real token gets the position it would have alone. Returns the cache, the 2-D
+    attention mask, each row's next position and its last-token logits."""
+    device = next(model.parameters()).device
+    width = prefix.length + len(suffixes[0])
+    buffers = _BatchBuffers(len(suffixes), width, room)
+    masks, logits = [], []
+    for chunk in chunks:
+        rows, chunk_width = slice(chunk[0], chunk[-1] + 1), len(suffixes[chunk[0]])
+        input_ids = torch.full((len(chunk), chunk_width), pad_id, dtype=torch.long, device=device)
+        suffix_mask = torch.zeros((len(chunk), chunk_width), dtype=torch.long, device=device)
+        for row, index in enumerate(chunk):
+            input_ids[row, chunk_width - len(suffixes[index]):] = torch.tensor(suffixes[index], device=device)
+            suffix_mask[row, chunk_width - len(suffixes[index]):] = 1
+        prefix_mask = torch.ones((len(chunk), prefix.length), dtype=torch.long, device=device)
+        attention_mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+        position_ids = (prefix.length + suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = _ChunkCache(buffers, rows, start=width - attention_mask.shape[1], prefix=prefix)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        masks.append(F.pad(attention_mask, (width - attention_mask.shape[1], 0)))
+        logits.append(out.logits[:, -1, :])
+    positions = torch.tensor([prefix.length + len(ids) for ids in suffixes], device=device)
+    return buffers.decode_cache(), torch.cat(masks), positions, torch.cat(logits)
 
 
 def _sdpa_grouped_query(module, query, key, value, attention_mask, **kwargs):
@@ -461,9 +487,8 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
         for batch in bar:
             started = time.time()
             suffixes = [encoded[i][prefix_length:] for i in batch]
-            parts = [_prefill(model, prefix, [suffixes[j] for j in chunk], pad_id, device)
-                     for chunk in prefill_chunks([len(s) for s in suffixes])]
-            cache, mask, positions, logits = _join(parts, room=settings.max_new_tokens)
+            chunks = prefill_chunks([len(ids) for ids in suffixes])
+            cache, mask, positions, logits = _prefill(model, prefix, suffixes, chunks, pad_id, settings.max_new_tokens)
             if k > 1:
                 cache.batch_repeat_interleave(k)
                 mask, positions, logits = (t.repeat_interleave(k, dim=0) for t in (mask, positions, logits))
@@ -478,8 +503,7 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
                                                         token_ids=ids, finish_reason=reason))
             finished = time.time()
             n_tokens = sum(map(len, generated))
-            n_prefill = sum(part_mask.shape[0] * (part_mask.shape[1] - prefix_length)
-                            for _, part_mask, _, _ in parts)
+            n_prefill = sum(len(chunk) * len(suffixes[chunk[0]]) for chunk in chunks)
             stats.n_prompts += len(batch)
             stats.n_sequences += len(rows)
             stats.n_generated_tokens += n_tokens
@@ -490,7 +514,7 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
             stats.decode_seconds += finished - prefilled
             stats.seconds += finished - started
             stats.per_batch.append({"size": len(batch), "prompt_length": len(encoded[batch[0]]),
-                                    "prefill_chunks": len(parts), "tokens": n_tokens, "decode_steps": steps,
+                                    "prefill_chunks": len(chunks), "tokens": n_tokens, "decode_steps": steps,
                                     "prefill_seconds": round(prefilled - started, 3),
                                     "seconds": round(finished - started, 3)})
             bar.set_postfix(tok_s=f"{stats.tokens_per_second:.0f}")

@@ -113,8 +113,8 @@ def main() -> None:
         paths["hf_batched"] = lambda: hf_generate(model, tokenizer, prompts, settings.max_new_tokens,
                                                   settings.batch_size)
     paths["one_at_a_time"] = lambda: hf_generate(model, tokenizer, prompts, settings.max_new_tokens, 1)
-    # Repeats run every path in turn, so that each repeat's ratios compare paths measured minutes apart; this
-    # CPU's speed drifts by up to ~20% over longer spans. The result is the median over repeats.
+    # Repeats run every path in turn, so that each repeat's ratios compare paths measured within minutes of each
+    # other; this CPU's speed drifts by up to ~20% over longer spans. The result is the median over repeats.
     runs: dict[str, list] = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, run in paths.items():
@@ -149,7 +149,7 @@ def main() -> None:
               "mean_answer_tokens": round(sum(answer_lengths) / len(prompts), 1), "device": str(device),
               "repeats": args.repeats, "machine_limits": machine}
     result.update({name: figures(name) for name in paths})
-    project, plain = result["project"], result["one_at_a_time"]
+    project = result["project"]
 
     compute_bound = useful_flops / (peak * 1e9)
     one_at_a_time_bandwidth_bound = stats.n_generated_tokens * weight_bytes(model) / (machine["memory_gb_per_s"] * 1e9)

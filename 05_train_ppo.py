@@ -21,7 +21,8 @@ from utils.models import configure_torch, count_parameters, load_tokenizer, lora
     merged_policy_base, model_dtype, save_adapter
 from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, save_value_head
 from utils.runs import stage_run, write_json_atomic
-from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
+from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
+    rl_train_rows, sft_adapter
 from utils.validation import validate
 
 FLAGS = (
@@ -30,6 +31,7 @@ FLAGS = (
     ConfigFlag("--kl_coef", "algorithm.kl_coef", float, "per-token KL penalty coefficient (initial, if adaptive)"),
     ConfigFlag("--clip_range", "algorithm.clip_range", float, "policy ratio clip range"),
     ConfigFlag("--ppo_epochs", "algorithm.ppo_epochs", int, "passes over each rollout"),
+    TRAIN_PROMPT_FLAG,
 )
 
 
@@ -55,15 +57,14 @@ def main() -> int:
                if is_main else contextlib.nullcontext())
 
     with context as run:
-        train_path, val_path = processed_split(config, "train"), processed_split(config, "val")
+        val_path = processed_split(config, "val")
         ckpt, spec = sft_adapter(args, config, "PPO"), reward_spec_path(args, config)
+        train_rows = rl_train_rows(args, config, run if is_main else None)
         if is_main:
-            run.add_input("train", train_path)
             run.add_input("val", val_path)
             run.add_input("policy", ckpt)
             if spec:
                 run.add_input("reward_spec", spec)
-        train_rows = load_processed(train_path, settings.max_train_examples)
         val_rows = load_processed(val_path, settings.n_val_examples)
         calculator = reward_calculator(spec)
         tokenizer = load_tokenizer(config["model"]["path"])
@@ -136,7 +137,7 @@ def main() -> int:
                 "prompts_per_step": per_step["n_prompts"], "completions_per_step": per_step["n_completions"],
                 "total_completions": sum(r["n_completions"] for r in records),
                 "total_generated_tokens": sum(r["n_generated_tokens"] for r in records),
-                "train_examples": len(train_rows), "processes": accelerator.num_processes,
+                "train_prompts": settings.train_prompts, "train_examples": len(train_rows), "processes": accelerator.num_processes,
                 "seconds": {key: round(sum(r[f"time_{key}_s"] for r in records), 1)
                             for key in ("generation", "reward", "training")},
                 "wall_time_s": round(time.time() - started, 1),

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import flatten_dict, run_script
 from utils.cli import UsageError
-from utils.driver import DriverSettings, Resolver, build_plan, main as driver_main, parse_methods, select_stages
+from utils.driver import DriverSettings, Resolver, build_plan, main as driver_main, parse_methods, \
+    plan_and_resolver, select_stages
 from utils.runs import read_manifest, sha256_path, write_json_atomic
 
 # the cheap part of the pipeline: real stages, each its own process (01, 02, base evaluation, comparison);
@@ -49,6 +50,24 @@ def test_plan_order_and_selection():
         "02_rewards", "10_evaluation/base", "10_evaluation/sft", "10_evaluation/grpo"]
     with pytest.raises(UsageError, match="--method"):
         parse_methods("sgd")
+
+
+def test_candidates_join_the_plan_for_mixed_train_prompts(tmp_path):
+    def plan(methods, *overrides):
+        settings = DriverSettings("configs/models/smollm2-135m.yaml", "run_x", 42, True,
+                                  [f"paths.outputs_dir={tmp_path}", *overrides])
+        return {spec.name: spec for spec in plan_and_resolver(parse_methods(methods), settings)[0]}
+
+    assert "04_candidates" not in plan("grpo,rloo")
+    mixed = plan("grpo,rloo", "grpo.algorithm.train_prompts=mixed")
+    names = list(mixed)
+    assert names.index("03_sft") < names.index("04_candidates") < names.index("06_grpo")
+    assert "04_candidates" in mixed["06_grpo"].depends and "04_candidates" not in mixed["07_rloo"].depends
+    every = plan("ppo,grpo", "algorithm.train_prompts=mixed")
+    assert all("04_candidates" in every[name].depends for name in ("05_ppo", "06_grpo"))
+    # scores given explicitly: nothing of this run's 04 is read
+    given = plan("grpo", "algorithm.train_prompts=mixed", f"algorithm.candidate_scores={tmp_path / 's.jsonl'}")
+    assert "04_candidates" not in given
 
 
 def test_override_routing(tmp_path):

@@ -2,6 +2,8 @@
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,13 +12,16 @@ from conftest import load_stage
 from safetensors.torch import load_file
 
 import utils.rl_trl as rl_trl
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 from utils.finqa_data import load_processed
 from utils.models import load_model, load_tokenizer, lora_config
 from utils.reward import COMPONENTS, RewardCalculator
 from utils.rl_trl import RewardRecorder, advantage_variance, leave_one_out_advantages, reinforce_advantages, \
     summarize_advantage_variance
-from utils.runs import read_manifest
+from utils.runs import StageError, read_manifest
+from utils.stage_inputs import rl_train_rows
+
+REPO = Path(__file__).resolve().parents[1]
 
 BUDGET_KEYS = ("steps", "prompts_per_step", "num_generations", "completions_per_step", "total_completions",
                "max_completion_length", "temperature", "top_p")
@@ -200,6 +205,62 @@ def test_stage_rejects_bad_input(run_stage, tmp_path, capsys):
     assert run_stage("01_prepare_dataset.py") == 0
     assert run_stage("07_train_rloo.py", "--quick_test", "--policy_ckpt", str(not_adapter)) == 1
     assert "expected a LoRA adapter folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train prompts: all, or those whose SFT candidates got different rewards
+
+def write_scores(path, rewards_by_id: dict) -> Path:
+    lines = [{"id": example_id, "index": index, "total": total}
+             for example_id, totals in rewards_by_id.items() for index, total in enumerate(totals)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_rl_train_rows_keeps_prompts_with_mixed_rewards(run_stage, tmp_path):
+    assert run_stage("01_prepare_dataset.py") == 0
+    ids = [row["id"] for row in load_processed(run_stage.root / "processed" / "train.jsonl")]
+    scores = write_scores(tmp_path / "scores.jsonl", {ids[0]: [-0.2, -0.2, -0.2], ids[1]: [0.0, 1.0],
+                                                      ids[2]: [0.3], ids[3]: [0.8, 0.8, -0.2]})
+    args = SimpleNamespace(run_id="run_001")
+
+    def rows(*overrides):
+        config = load_config(REPO / "configs/models/smollm2-135m.yaml", REPO / "configs/algorithms/grpo.yaml",
+                             overrides=[f"data.processed_dir={run_stage.root / 'processed'}",
+                                        f"paths.outputs_dir={run_stage.root / 'outputs'}", *overrides])
+        return [row["id"] for row in rl_train_rows(args, config)]
+
+    assert rows() == ids
+    mixed = ("algorithm.train_prompts=mixed", f"algorithm.candidate_scores={scores}")
+    assert rows(*mixed) == [ids[1], ids[3]]  # in train.jsonl's order
+    assert rows(*mixed, "algorithm.max_train_examples=1") == [ids[1]]
+    with pytest.raises(ConfigError, match="algorithm.train_prompts must be one of all, mixed"):
+        rows("algorithm.train_prompts=hard")
+    with pytest.raises(StageError, match="04_candidates is not a completed stage"):
+        rows("algorithm.train_prompts=mixed")
+    with pytest.raises(StageError, match="algorithm.candidate_scores: file not found"):
+        rows("algorithm.train_prompts=mixed", f"algorithm.candidate_scores={tmp_path / 'none.jsonl'}")
+    alike = write_scores(tmp_path / "alike.jsonl", {ids[0]: [0.0, 0.0], "not-in-train": [0.0, 1.0]})
+    with pytest.raises(StageError, match="alike.jsonl: no train prompt"):
+        rows("algorithm.train_prompts=mixed", f"algorithm.candidate_scores={alike}")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"id": ids[0], "total": 1.0}) + "\n" + json.dumps({"id": ids[0]}) + "\n")
+    with pytest.raises(StageError, match="broken.jsonl: candidate 2 lacks"):
+        rows("algorithm.train_prompts=mixed", f"algorithm.candidate_scores={broken}")
+
+
+def test_grpo_trains_on_mixed_prompts_only(run_stage, reward_calls, tmp_path):
+    run = run_stage
+    assert run("01_prepare_dataset.py") == 0
+    assert run("03_sft_train.py", "--quick_test", "--max_steps", "1", "--skip_validation") == 0
+    ids = [row["id"] for row in load_processed(run.root / "processed" / "train.jsonl")]
+    scores = write_scores(tmp_path / "scores.jsonl", {ids[0]: [0.0, 0.0], ids[4]: [0.0, 0.3], ids[7]: [1.0, 0.0]})
+    assert run("06_train_grpo.py", "--quick_test", "--steps", "2", "--train_prompts", "mixed",
+               "--set", f"algorithm.candidate_scores={scores}") == 0
+    manifest = read_manifest(run.stage_dir("06_grpo"))
+    assert manifest["metrics"]["train_prompts"] == "mixed" and manifest["metrics"]["train_examples"] == 2
+    assert manifest["inputs"]["candidate_scores"]["path"] == str(scores)
+    assert reward_calls and all(set(call["id"]) <= {ids[4], ids[7]} for call in reward_calls)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 each stage as its own process with its output teed into outputs/<run_id>/driver_logs/<stage>.log.
 
 The plan for `--method M` is 00 -> 01 -> 02 -> 03 -> (04 -> 08 for dpo) -> the method stages (05 ppo, 06 grpo,
-07 rloo, 09 dpo) -> 10 for base, sft and each method -> 11 over this run's metrics. `--method none` is the
+07 rloo, 09 dpo) -> 10 for base, sft and each method -> 11 over this run's metrics. 04 also runs before an RL
+method set to train on the prompts its candidates select (--set grpo.algorithm.train_prompts=mixed). `--method none` is the
 SFT-only path; `--method grpo,dpo` several methods; `--method all` every method.
 
 Flag pass-through (`--set`, repeatable, applied in the order given):
@@ -60,6 +61,7 @@ from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, now_iso, read_manif
     write_json_atomic
 
 METHODS = ("ppo", "grpo", "rloo", "dpo")
+RL_METHODS = ("ppo", "grpo", "rloo")
 SCRIPTS = {
     "check_data": "00_check_data.py",
     "prepare": "01_prepare_dataset.py",
@@ -134,15 +136,18 @@ def parse_methods(text: str) -> list[str]:
     return [m for m in METHODS if m in methods]
 
 
-def build_plan(methods: list[str], base_eval: bool = True) -> list[StageSpec]:
-    """Every stage the methods need, in the order they run."""
+def build_plan(methods: list[str], base_eval: bool = True, candidates_for: tuple[str, ...] = ()) -> list[StageSpec]:
+    """Every stage the methods need, in the order they run. candidates_for: the RL methods that train on the
+    prompts 04's candidates select (algorithm.train_prompts mixed): 04 runs before them and they read it."""
+    readers = [m for m in RL_METHODS if m in methods and m in candidates_for]
     keys = ["check_data", "prepare", "rewards", "sft"]
-    if "dpo" in methods:
+    if "dpo" in methods or readers:
         keys.append("candidates")
-    keys += [m for m in ("ppo", "grpo", "rloo") if m in methods]
+    keys += [m for m in RL_METHODS if m in methods]
     if "dpo" in methods:
         keys += ["preferences", "dpo"]
-    plan = [StageSpec(F[key], key, SCRIPTS[key], DEPENDS[key]) for key in keys]
+    plan = [StageSpec(F[key], key, SCRIPTS[key], DEPENDS[key] + ((F["candidates"],) if key in readers else ()))
+            for key in keys]
     labels = (["base"] if base_eval else []) + ["sft"] + methods
     evaluations = []
     for label in labels:
@@ -172,6 +177,21 @@ def resolve_selector(plan: list[StageSpec], selector: str, flag: str) -> list[St
     if not found:
         raise UsageError(f"{flag}: no stage '{selector}' in this plan ({', '.join(s.name for s in plan)})")
     return found
+
+
+def plan_and_resolver(methods: list[str], settings: "DriverSettings", base_eval: bool = True):
+    """The plan and its Resolver. Whether 04 joins the plan for an RL method depends on that method's resolved
+    configuration (train_prompts mixed with no candidate_scores given), so a first Resolver over the plan with
+    04 in it reads those configurations."""
+    probe = Resolver(settings, build_plan(methods, base_eval, candidates_for=RL_METHODS))
+    readers = []
+    for spec in probe.plan:
+        config = probe.config_or_error(spec) if spec.key in RL_METHODS else None
+        if isinstance(config, dict) and config["algorithm"].get("train_prompts") == "mixed" \
+                and not config["algorithm"].get("candidate_scores"):
+            readers.append(spec.key)
+    plan = build_plan(methods, base_eval, candidates_for=tuple(readers))
+    return plan, Resolver(settings, plan)
 
 
 def select_stages(plan: list[StageSpec], stages: str | None, until: str | None) -> list[StageSpec]:
@@ -746,10 +766,9 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
     echo = echo or default_echo
 
     methods = parse_methods(args.method)
-    full_plan = build_plan(methods, base_eval=not args.no_base_eval)
     settings = DriverSettings(args.config, args.run_id, args.seed, args.quick_test, args.overrides,
                               args.stage_config)
-    resolver = Resolver(settings, full_plan)
+    full_plan, resolver = plan_and_resolver(methods, settings, base_eval=not args.no_base_eval)
     specs = select_stages(full_plan, args.stages, args.until)
     rerun = {spec.name for sel in (args.rerun or "").split(",") if sel.strip()
              for spec in resolve_selector(full_plan, sel, "--rerun")}

@@ -79,6 +79,8 @@ class PPOSettings:
     n_val_examples: int = 32
     value_head_dropout: float = 0.1
     max_train_examples: int | None = None
+    train_prompts: str = "all"
+    candidate_scores: str | None = None
 
     @classmethod
     def from_config(cls, algo: dict) -> "PPOSettings":

@@ -47,7 +47,8 @@ from utils.models import configure_torch, count_parameters, load_tokenizer, lora
     merged_policy_base, model_dtype, save_adapter
 from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import stage_run, write_json_atomic
-from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
+from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
+    rl_train_rows, sft_adapter
 from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, ValidationCallback
 
@@ -60,6 +61,7 @@ COMMON_FLAGS = (
     ConfigFlag("--num_generations", "algorithm.num_generations", int, "completions per prompt (group size)"),
     ConfigFlag("--learning_rate", "algorithm.learning_rate", float, "AdamW learning rate on the LoRA adapter"),
     ConfigFlag("--beta", "algorithm.beta", float, "KL coefficient towards the SFT model (0: no reference)"),
+    TRAIN_PROMPT_FLAG,
 )
 # what trl 1.16 logs every step (logging_steps 1) and training_log.json must hold
 LOG_KEYS = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "entropy",
@@ -356,8 +358,7 @@ def run_stage(method: RLMethod, description: str) -> int:
 
     with stage_run(method.stage, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
         started = time.time()
-        train_rows = load_processed(run.add_input("train", processed_split(config, "train")),
-                                    algo["max_train_examples"])
+        train_rows = rl_train_rows(args, config, run)
         val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])
         ckpt = run.add_input("policy", sft_adapter(args, config, method.name.upper()))
         spec = reward_spec_path(args, config)
@@ -421,7 +422,7 @@ def run_stage(method: RLMethod, description: str) -> int:
             "first_train_reward": first_logged(history, "reward"), "final_train_reward": last_logged(history, "reward"),
             "final_kl": last_logged(history, "kl"), "final_entropy": last_logged(history, "entropy"),
             "final_frac_reward_zero_std": last_logged(history, "frac_reward_zero_std"),
-            "train_examples": len(train_rows),
+            "train_prompts": algo["train_prompts"], "train_examples": len(train_rows),
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
             "seconds": timer.totals(),
             "wall_time_s": round(time.time() - started, 1),

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
 
-from utils.cli import upstream_dir
+from utils.cli import ConfigFlag, upstream_dir
+from utils.config import ConfigError
+from utils.finqa_data import load_processed, read_jsonl
 from utils.models import is_adapter
 from utils.reward import RewardCalculator, RewardWeights
 from utils.runs import StageError, is_completed
@@ -58,3 +61,69 @@ def sft_adapter(args, config: dict, method: str) -> Path:
         raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
                          f"{method} on a merged model is not supported")
     return ckpt
+
+
+TRAIN_PROMPT_CHOICES = ("all", "mixed")
+TRAIN_PROMPT_FLAG = ConfigFlag("--train_prompts", "algorithm.train_prompts", str,
+                               "all | mixed: only prompts whose SFT candidates (04) got different rewards")
+
+
+def rl_train_rows(args, config: dict, run=None) -> list[dict]:
+    """The train prompts an RL stage samples from (algorithm.train_prompts, then algorithm.max_train_examples).
+
+    all: train.jsonl. mixed: only the train prompts whose SFT candidates (04_generate_candidates.py's
+    scores.jsonl, algorithm.candidate_scores or this run's) got different rewards. A group whose completions all
+    get the same reward gives GRPO and RLOO no gradient; when the SFT model solves a few percent of the prompts,
+    most groups are like that, so keeping the prompts it sometimes gets right and sometimes wrong spends the
+    rollout budget where the reward can teach something (an offline form of DAPO's dynamic sampling).
+    `run` (a stage_run) records the files read as inputs."""
+    algo = config["algorithm"]
+    mode = algo["train_prompts"]
+    if mode not in TRAIN_PROMPT_CHOICES:
+        raise ConfigError(f"algorithm.train_prompts must be one of {', '.join(TRAIN_PROMPT_CHOICES)}, got {mode!r}")
+    train_path = processed_split(config, "train")
+    rows = load_processed(train_path)
+    if run is not None:
+        run.add_input("train", train_path)
+    if mode == "mixed":
+        scores_path = candidate_scores_path(args, config)
+        if run is not None:
+            run.add_input("candidate_scores", scores_path)
+        mixed = mixed_reward_ids(scores_path)
+        kept = [row for row in rows if row["id"] in mixed]
+        if not kept:
+            raise StageError(f"{scores_path}: no train prompt of {train_path} has candidates with different "
+                             f"rewards (algorithm.train_prompts mixed would leave nothing to train on)")
+        log.info("train prompts: %d of %d have SFT candidates with different rewards (%s)", len(kept), len(rows),
+                 scores_path)
+        rows = kept
+    limit = algo["max_train_examples"]
+    return rows[:limit] if limit else rows
+
+
+def candidate_scores_path(args, config: dict) -> Path:
+    """algorithm.candidate_scores, else this run's 04_candidates/scores.jsonl."""
+    given = config["algorithm"].get("candidate_scores")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise StageError(f"algorithm.candidate_scores: file not found: {path}")
+        return path
+    folder = upstream_dir(args, config, "candidates")
+    if not is_completed(folder):
+        raise StageError(f"algorithm.train_prompts mixed needs SFT candidates: {folder} is not a completed stage "
+                         f"(run 04_generate_candidates.py on the train split first, or set "
+                         f"algorithm.candidate_scores)")
+    return folder / "scores.jsonl"
+
+
+def mixed_reward_ids(scores_path: Path) -> set[str]:
+    """Ids of the prompts whose candidates in a scores.jsonl (one line per candidate: id, total) got at least
+    two different rewards."""
+    totals = defaultdict(set)
+    for line_no, line in enumerate(read_jsonl(scores_path), 1):
+        if "id" not in line or not isinstance(line.get("total"), (int, float)):
+            raise StageError(f"{scores_path}: candidate {line_no} lacks an id or a numeric total (expected "
+                             f"04_generate_candidates.py's scores.jsonl)")
+        totals[line["id"]].add(round(float(line["total"]), 6))
+    return {prompt_id for prompt_id, values in totals.items() if len(values) > 1}

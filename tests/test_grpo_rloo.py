@@ -75,6 +75,10 @@ def test_recorder_sums_components_per_group():
     (batch,) = recorder.batches
     assert batch["rewards"] == [[1.0, 3.0], [5.0, 7.0]] and batch["ids"] == ["a", "b"]
     assert batch["grouped_by_prompt"] and recorder.total_generated_tokens == 6 and recorder.total_completions == 4
+    assert recorder.zero_variance_groups() == {"fraction": 0.0, "steps_with_no_varied_group": 0, "per_step": [0.0]}
+    recorder.batches += [{"rewards": [[0.0, 0.0], [1.0, 0.3]]}, {"rewards": [[0.0, 0.0], [-0.2, -0.2]]}]
+    assert recorder.zero_variance_groups() == {"fraction": 0.5, "steps_with_no_varied_group": 1,
+                                               "per_step": [0.0, 0.5, 1.0]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,6 +172,8 @@ def test_grpo_and_rloo_stages(run_stage, reward_calls):
             assert metrics[key] is not None, key
         assert metrics["total_completions"] == metrics["budget"]["total_completions"] == 2 * 2 * 4
         assert metrics["total_generated_tokens"] > 0
+        zero = metrics["groups_with_zero_reward_variance"]
+        assert len(zero["per_step"]) == 2 and zero["fraction"] == pytest.approx(np.mean(zero["per_step"]))
     assert manifests["grpo"]["config"]["algorithm"]["beta"] == 0.1
     assert manifests["rloo"]["config"]["algorithm"]["micro_batch_size"] == 4
     # same default budget for both methods

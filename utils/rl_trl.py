@@ -191,6 +191,13 @@ class RewardRecorder:
     def total_generated_tokens(self) -> int:
         return sum(batch["n_generated_tokens"] for batch in self.batches)
 
+    def zero_variance_groups(self) -> dict:
+        """How many groups scored the same for every completion (no gradient from the task reward), per step and
+        over the run. trl's frac_reward_zero_std is this for GRPO; RLOO's is on the KL-adjusted reward."""
+        per_step = [float(np.mean([np.ptp(group) == 0 for group in batch["rewards"]])) for batch in self.batches]
+        return {"fraction": float(np.mean(per_step)) if per_step else None,
+                "steps_with_no_varied_group": sum(fraction == 1.0 for fraction in per_step), "per_step": per_step}
+
     def advantage_variance(self) -> dict:
         """Both estimators on each recorded step's rollouts (logs/advantage_variance.json)."""
         steps = [{"step": batch["step"], "n_groups": len(batch["rewards"]), "rewards": batch["rewards"],
@@ -422,6 +429,7 @@ def run_stage(method: RLMethod, description: str) -> int:
             "first_train_reward": first_logged(history, "reward"), "final_train_reward": last_logged(history, "reward"),
             "final_kl": last_logged(history, "kl"), "final_entropy": last_logged(history, "entropy"),
             "final_frac_reward_zero_std": last_logged(history, "frac_reward_zero_std"),
+            "groups_with_zero_reward_variance": recorder.zero_variance_groups(),
             "train_prompts": algo["train_prompts"], "train_examples": len(train_rows),
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
             "seconds": timer.totals(),

@@ -137,7 +137,8 @@ def main() -> int:
                 "prompts_per_step": per_step["n_prompts"], "completions_per_step": per_step["n_completions"],
                 "total_completions": sum(r["n_completions"] for r in records),
                 "total_generated_tokens": sum(r["n_generated_tokens"] for r in records),
-                "train_prompts": settings.train_prompts, "train_examples": len(train_rows), "processes": accelerator.num_processes,
+                "train_prompts": settings.train_prompts, "train_examples": len(train_rows),
+                "processes": accelerator.num_processes,
                 "seconds": {key: round(sum(r[f"time_{key}_s"] for r in records), 1)
                             for key in ("generation", "reward", "training")},
                 "wall_time_s": round(time.time() - started, 1),

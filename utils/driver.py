@@ -2,9 +2,9 @@
 each stage as its own process with its output teed into outputs/<run_id>/driver_logs/<stage>.log.
 
 The plan for `--method M` is 00 -> 01 -> 02 -> 03 -> (04 -> 08 for dpo) -> the method stages (05 ppo, 06 grpo,
-07 rloo, 09 dpo) -> 10 for base, sft and each method -> 11 over this run's metrics. 04 also runs before an RL
-method set to train on the prompts its candidates select (--set grpo.algorithm.train_prompts=mixed). `--method none` is the
-SFT-only path; `--method grpo,dpo` several methods; `--method all` every method.
+07 rloo, 09 dpo) -> 10 for base, sft and each method -> 11 over this run's metrics; 04 also runs before an RL
+method set to train on the prompts its candidates select (--set grpo.algorithm.train_prompts=mixed).
+`--method none` is the SFT-only path; `--method grpo,dpo` several methods; `--method all` every method.
 
 Flag pass-through (`--set`, repeatable, applied in the order given):
   --set KEY=VALUE               every stage of the plan whose configuration has KEY (e.g. model.path,

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import load_stage
+from conftest import REPO, load_stage
 from safetensors.torch import load_file
 
 import utils.rl_trl as rl_trl
@@ -20,8 +20,6 @@ from utils.rl_trl import RewardRecorder, advantage_variance, leave_one_out_advan
     summarize_advantage_variance
 from utils.runs import StageError, read_manifest
 from utils.stage_inputs import rl_train_rows
-
-REPO = Path(__file__).resolve().parents[1]
 
 BUDGET_KEYS = ("steps", "prompts_per_step", "num_generations", "completions_per_step", "total_completions",
                "max_completion_length", "temperature", "top_p")

@@ -30,8 +30,10 @@ def main() -> int:
         write_text_atomic(spec_path, "# The reward every stage uses (utils/reward.py); weights of its components.\n"
                           + yaml.safe_dump(weights.to_spec(), sort_keys=False))
 
-        results = run_cases(RewardCalculator(RewardWeights.from_spec(spec_path)))
-        write_json_atomic(run.add_output("test_cases", run.dir / "unit_tests" / "test_cases.json"), case_table())
+        written = RewardWeights.from_spec(spec_path)  # the spec as every later stage will read it
+        results = run_cases(RewardCalculator(written))
+        write_json_atomic(run.add_output("test_cases", run.dir / "unit_tests" / "test_cases.json"),
+                          case_table(written))
         write_json_atomic(run.add_output("test_results", run.dir / "unit_tests" / "test_results.json"), results)
         failed = [r for r in results if not r["passed"]]
         for result in failed:

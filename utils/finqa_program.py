@@ -1,35 +1,43 @@
-"""FinQA's program DSL: tokenizing, executing and comparing programs by the rules of FinQA's official
-evaluation script (czyssrs/FinQA, code/evaluate/evaluate.py), reimplemented without eval, so that it never
-raises and does bounded work on whatever a model writes.
+"""FinQA's program DSL: tokenizing, executing and comparing programs so that execution and program accuracy
+give, item by item, the answers of FinQA's official evaluation script (czyssrs/FinQA,
+code/evaluate/evaluate.py, run with this project's Python and sympy), written here without eval and with
+bounded work.
 
 A program is a list of steps `op(arg1, arg2)` joined by ", ", e.g. "subtract(5829, 5735), divide(#0, 5735)".
-`#k` is the result of step k (steps count from 0, also in our error messages). Arguments are numbers
-("5,829", "1.6%", "const_100") or, for the table ops, a row name (the exact first cell of a table row) and
-"none".
+`#k` is the result of step k (from 0). Arguments are numbers ("5,829", "1.6%", "const_100") or, for the table
+ops, a row name (the exact first cell of a table row) and "none".
 
-The official script works on a token list ("subtract(", "5829", "5735", ")", ..., "EOF"): it checks that
-every 4th token is an op and every 4th+3 token is ")", joins the tokens with "|", splits on ")" and parses each
-piece. We follow that same pipeline, so its quirks are ours too:
-- an unclosed last step (the "divide(#0" of "add(1, 2), divide(#0") is ignored: only closed steps run;
-- table ops ignore their second argument, and a table op whose row is a #ref reuses the row of the previous
-  table step (the official code leaves its variable in place);
-- greater returns "yes"/"no" (two yes/no results compare as strings); results are rounded with
-  round(x, 5) only at the end;
-- str_to_num accepts whatever float() accepts (" 1_000", "nan", "1e999") and any "const_<number>".
+How the official script works, and so how this module works:
+- Tokens: "subtract(", "5829", "5735", ")", ..., "EOF". Every 4th token must be an op and every 4th+3 a ")".
+  The tokens are joined with "|" and cut at ")"; the unclosed rest is dropped, so "add(1, 2), divide(#0" runs
+  add(1, 2) only. A token list (predictions_official.json) loses its last token, whatever it is.
+- Execution runs every step in order, used or not, with Python's own arithmetic on whatever the steps hold:
+  greater gives "yes"/"no", and add on two such strings concatenates them ("yesno") without failing; a table op
+  whose row is a #ref reuses the row of the previous table step; table_sum of an empty row is the int 0. The
+  result is round(x, 5). A step that fails makes the program invalid, and the script then still holds the
+  result of the last step that completed (rounded when the failure was a parse failure the script `break`s
+  on, unrounded when it was an exception). That held value is what program accuracy compares: a program
+  equivalent to the gold one whose execution fails after a step that produced exe_ans is program-correct and
+  execution-wrong (ExecutionResult.official_value).
+- Program equivalence: each distinct number argument and each distinct table step of the gold program is a
+  symbol; the prediction may only use those, with backward #refs, in every step; then the expressions of the
+  two final steps (only the steps they reach) go through sympy's simplify and are compared. The official script
+  builds them as strings ("( a0 - a1 )") and sympifies them, which evaluates the operators; we apply sympy's
+  operators to the already-built sub-expressions, which gives the same objects without the string (which shared
+  #refs make exponentially long). sympify cannot parse a string nested 200 deep, so a final expression with
+  200 or more nested steps is not equivalent, as officially.
+- Program accuracy: equivalent, and the held result equals exe_ans (the official script asserts this and
+  would stop; DESIGN.md counts such an item as wrong). Execution accuracy: valid and the result equals exe_ans.
 
-Deviations, all on inputs where the official script crashes, hangs or returns a value that can never equal
-a FinQA answer:
-- a result that is nan, inf or complex (e.g. exp(-8, 0.5)) is invalid (official: valid, never equal to a
-  gold answer); a yes/no result used in arithmetic is invalid (official: str concatenation for add);
-- more than MAX_STEPS steps is invalid / not equivalent;
-- equivalence gives up (False) when an expression tree would have more than MAX_EXPR_NODES nodes (sympy's
-  simplify can take minutes on big ones, and shared #refs can make the official string expression
-  exponentially long), and returns False instead of raising on a malformed gold program;
-- a token list is read as the official format; a trailing "EOF" is dropped (the official script drops the
-  last token whatever it is).
-Before calling sympy, equivalence evaluates both programs at three random points and answers False when
-they differ at every point where both are defined: simplify keeps values, so such programs can never
-simplify to the same expression. It only saves time (fuzzed against the official script: same answers).
+Bounds (the only deviations; each is where the official script itself needs minutes, hours or all the memory):
+- strings built by concatenating yes/no results stop at MAX_TEXT_CHARS characters in all, integers (only
+  from table_sum of an empty row and exp(0, 0)) at MAX_INT_BITS bits; past either the program is invalid;
+- equivalence answers False when an expression handed to simplify, after sympy's automatic evaluation, has
+  more than MAX_SIMPLIFY_NODES nodes (measured with this sympy: 15 s on 28,663 nodes, doubling with each
+  nesting level) or a power above MAX_SIMPLIFY_POWER (simplify expands it: 6.5 s for (a0 + a1)**1024, 30 s
+  for **4096; ten self-multiplications of a step give **1024).
+Before calling sympy, equivalence evaluates both programs at three random points and answers False when they
+differ wherever both are defined: simplify keeps values, so such programs never simplify to the same thing.
 """
 from __future__ import annotations
 
@@ -53,16 +61,21 @@ CONSTANTS = {
     "const_10000000": 10000000.0, "const_1000000000": 1000000000.0, "const_m1": -1.0,
 }
 
-MAX_STEPS = 64          # FinQA's gold programs have at most a handful of steps
-MAX_EXPR_NODES = 48     # bound on the expression tree handed to sympy (FinQA's gold trees are ~10 nodes);
-                        # simplify takes seconds on some 60-node trees and minutes on some 400-node ones
+MAX_TEXT_CHARS = 1 << 26       # characters of yes/no concatenations per program (26 doublings of "yes")
+MAX_INT_BITS = 1 << 16         # integer results (table_sum of an empty row is the int 0, exp(0, 0) the int 1)
+MAX_SIMPLIFY_NODES = 1 << 15   # sympy nodes of an expression handed to simplify
+MAX_SIMPLIFY_POWER = 1 << 10   # integer exponents in it (2^k from k self-multiplications)
+SYMPIFY_MAX_DEPTH = 199        # the deepest nesting of steps the official string can have and still parse
 
 
 @dataclass
 class ExecutionResult:
     valid: bool
-    value: float | str | None  # round(x, 5) like the official script, or "yes"/"no"; None when invalid
-    error: str | None          # why it is invalid, for people reading failures
+    value: float | int | str | None  # the result when valid: round(x, 5), or "yes"/"no"; else None
+    error: str | None                # why it is invalid, for people reading failures
+    # What the official script holds as the result when it stops: value when valid; when invalid, the result
+    # of the last step that completed before the failure (or None). Program accuracy compares this with exe_ans.
+    official_value: object = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,13 +107,13 @@ def to_official_tokens(program: str) -> list[str]:
     return tokenize_program(program)
 
 
-def _as_tokens(program) -> list[str] | None:
-    """Program string or official token list -> tokens without the final EOF; None if neither."""
+def _as_tokens(program) -> list | None:
+    """What the official script works on: the tokens without their last one (a program string is tokenized,
+    which ends it in "EOF"); None for anything else."""
     if isinstance(program, str):
         return tokenize_program(program)[:-1]
     if isinstance(program, (list, tuple)):
-        tokens = list(program)
-        return tokens[:-1] if tokens and tokens[-1] == "EOF" else tokens
+        return list(program)[:-1]
     return None
 
 
@@ -109,7 +122,7 @@ def _short(text: str, limit: int = 40) -> str:
 
 
 def _structure_error(tokens: list) -> str | None:
-    """The official structure check: every 4th token is an op, every 4th+3 token is ")"."""
+    """The official structure check: every 4th token is an op, every 4th+3 token is ")"; tokens are text."""
     for index, token in enumerate(tokens):
         if not isinstance(token, str):
             return f"token {index} is not a string"
@@ -125,26 +138,36 @@ def _raw_steps(tokens: list[str]) -> list[str]:
     return [step.strip() for step in "|".join(tokens).split(")")[:-1]]
 
 
-def _parse_step(step: str) -> tuple[str, str, str] | None:
-    """"|divide(|#0|5735|" -> ("divide", "#0", "5735"); None where the official parse fails."""
+class _ParseFailure(Exception):
+    """A step the official script cannot take apart (it raises there)."""
+
+
+def _step_parts(step: str) -> tuple[str, str, str] | None:
+    """"divide(|#0|5735|" -> ("divide", "#0", "5735"); None where the official script sees more than one
+    "(" (it breaks off there); _ParseFailure where it raises (no "(", fewer than two arguments)."""
     parts = step.split("(")
-    if len(parts) != 2:
+    if len(parts) > 2:
         return None
-    op = parts[0].strip("|").strip()
+    if len(parts) < 2:
+        raise _ParseFailure(f"step {_short(step)} has no '('")
     args = parts[1].strip("|").strip().split("|")
     if len(args) < 2:
-        return None
-    return op, args[0].strip(), args[1].strip()
+        raise _ParseFailure(f"step {_short(step)} has fewer than two arguments")
+    return parts[0].strip("|").strip(), args[0].strip(), args[1].strip()
 
 
 def program_steps(program) -> list[tuple[str, str, str]]:
-    """Best-effort (op, arg1, arg2) list, skipping pieces that do not parse; [] for garbage. Never raises."""
+    """Best-effort (op, arg1, arg2) list, skipping pieces that do not parse; [] for garbage. Never raises.
+    (For partial credit in the reward; the official rules are in execute_program / programs_equivalent.)"""
     tokens = _as_tokens(program)
     if tokens is None or not all(isinstance(token, str) for token in tokens):
         return []
     steps = []
     for step in _raw_steps(tokens):
-        parsed = _parse_step(step)
+        try:
+            parsed = _step_parts(step)
+        except _ParseFailure:
+            continue
         if parsed is not None and parsed[0]:
             steps.append(parsed)
     return steps
@@ -160,17 +183,9 @@ def _float_or_none(text: str) -> float | None:
         return None
 
 
-def _int_or_none(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:  # also digit strings past Python's int conversion limit
-        return None
-
-
-def str_to_num(text) -> float | None:
-    """The official str_to_num: drop commas; "x%" -> x/100; "const_x" -> x (const_m1 -> -1); else None."""
-    if not isinstance(text, str):
-        return None
+def _official_number(text: str):
+    """The official str_to_num: drop commas; float; "x%" -> x/100; "const_x" -> float(x) (const_m1 -> -1),
+    which raises ValueError when x is not a number; anything else None (the script's "n/a")."""
     text = text.replace(",", "")
     number = _float_or_none(text)
     if number is not None:
@@ -180,278 +195,338 @@ def str_to_num(text) -> float | None:
         return None if number is None else number / 100.0
     if "const" in text:
         text = text.replace("const_", "")
-        return -1.0 if text == "m1" else _float_or_none(text)
+        return float("-1" if text == "m1" else text)
     return None
 
 
-def table_row_to_numbers(cells) -> list[float] | None:
-    """The official process_row: per cell drop "$", cut at "(", then str_to_num; None if any cell fails."""
+def str_to_num(text) -> float | None:
+    """str_to_num as a plain function: a float, or None where the official script gets "n/a" or raises."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return _official_number(text)
+    except ValueError:
+        return None
+
+
+def _official_row(cells):
+    """The official process_row: per cell drop "$", cut at "(", then str_to_num; None if a cell is "n/a".
+    Raises (like the script) on a cell that is not text or a bad const_ cell."""
     numbers = []
     for cell in cells:
-        if not isinstance(cell, str):
-            return None
-        number = str_to_num(cell.replace("$", "").strip().split("(")[0].strip())
+        number = _official_number(cell.replace("$", "").strip().split("(")[0].strip())
         if number is None:
             return None
         numbers.append(number)
     return numbers
 
 
+def table_row_to_numbers(cells) -> list[float] | None:
+    """process_row as a plain function: the numbers, or None where the official script gets "n/a" or raises."""
+    try:
+        return _official_row(cells)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def results_match(value, exe_ans) -> bool:
-    """The official execution match: round(value, 5) == exe_ans exactly; yes/no compare as strings."""
-    if isinstance(value, bool) or isinstance(exe_ans, bool):
+    """The official comparison `exe_res == exe_ans`, on a result as execute_program holds it (already rounded
+    to 5 decimals where the script rounds); yes/no compare as strings, nan equals nothing."""
+    if isinstance(value, bool) or isinstance(exe_ans, bool) or value is None:
         return False
     if isinstance(value, str) or isinstance(exe_ans, str):
         return isinstance(value, str) and isinstance(exe_ans, str) and value == exe_ans
-    if not isinstance(value, (int, float)) or not isinstance(exe_ans, (int, float)):
+    if not isinstance(value, (int, float, complex)) or not isinstance(exe_ans, (int, float)):
         return False
-    if not math.isfinite(value):
-        return False
-    return round(value, 5) == exe_ans
+    return value == exe_ans
 
 
 # ----------------------------------------------------------------------------------------------------------
 # execution
 
-def _invalid(error: str) -> ExecutionResult:
-    return ExecutionResult(valid=False, value=None, error=error)
+class _Failed(Exception):
+    """A step fails; `rounds` says whether the official script still rounds what it holds (it breaks off on
+    parse failures and rounds; it skips the rounding when it raises)."""
+
+    def __init__(self, error: str, rounds: bool = False):
+        super().__init__(error)
+        self.rounds = rounds
 
 
-def _step_ref(arg: str, results: list, index: int) -> tuple[object, str | None]:
-    """The value of "#k" the way the official script reads it: int(arg without "#")."""
-    k = _int_or_none(arg.replace("#", ""))
-    if k is None:
-        return None, f"step {index} has a bad step reference {_short(arg)}"
-    if not 0 <= k < len(results):
-        return None, f"step {index} refers to #{k}, which is not computed yet"
-    return results[k], None
+class _Budget:
+    """The bounds on what one program may build (see the module docstring)."""
+
+    def __init__(self):
+        self.text_chars = 0
+
+    def text(self, length: int) -> None:
+        self.text_chars += length
+        if self.text_chars > MAX_TEXT_CHARS:
+            raise _Failed(f"yes/no concatenations longer than {MAX_TEXT_CHARS} characters (the evaluator's bound)")
+
+    @staticmethod
+    def integer(value):
+        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            raise _Failed(f"an integer of more than {MAX_INT_BITS} bits (the evaluator's bound)")
+        return value
 
 
-def _operand(arg: str, results: list, index: int) -> tuple[object, str | None]:
+def _reference(arg: str, results: dict, index: int):
+    """res_dict[int(arg without "#")], raising where the official script does."""
+    try:
+        k = int(arg.replace("#", ""))
+    except ValueError:
+        raise _Failed(f"step {index} has a bad step reference {_short(arg)}") from None
+    if k not in results:
+        raise _Failed(f"step {index} refers to #{k}, which is not computed")
+    return results[k]
+
+
+def _operand(arg: str, results: dict, index: int):
     if "#" in arg:
-        return _step_ref(arg, results, index)
-    number = str_to_num(arg)
+        return _reference(arg, results, index)
+    try:
+        number = _official_number(arg)
+    except ValueError:
+        raise _Failed(f"step {index}: {_short(arg)} is not a number") from None
     if number is None:
-        return None, f"step {index}: {_short(arg)} is not a number"
-    return number, None
+        raise _Failed(f"step {index}: {_short(arg)} is not a number", rounds=True)
+    return number
 
 
-def _binary(op: str, a, b, index: int) -> tuple[object, str | None]:
-    """One arithmetic step on floats (or complex / yes-no intermediates), with Python's float semantics."""
+def _is_text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _binary(op: str, a, b, index: int, budget: _Budget):
+    """Python's `a <op> b` on what the steps hold (floats, complex numbers, yes/no text, the odd int), raising
+    _Failed wherever Python raises, with the bounds applied before anything large is built."""
+    where = f"step {index}: {op}"
     if op == "greater":
-        # the official script compares whatever it holds: numbers, or two yes/no strings
-        if isinstance(a, complex) or isinstance(b, complex) or isinstance(a, str) != isinstance(b, str):
-            return None, f"step {index}: greater compares values that cannot be compared"
-        return ("yes" if a > b else "no"), None
-    if isinstance(a, str) or isinstance(b, str):
-        return None, f"step {index}: {op} on a yes/no result"
+        if isinstance(a, complex) or isinstance(b, complex) or _is_text(a) != _is_text(b):
+            raise _Failed(f"{where} compares values that cannot be compared")
+        return "yes" if a > b else "no"
+    if _is_text(a) or _is_text(b):
+        if op == "add" and _is_text(a) and _is_text(b):
+            budget.text(len(a) + len(b))
+            return a + b
+        if op == "multiply" and (_is_text(a) != _is_text(b)):
+            text, count = (a, b) if _is_text(a) else (b, a)
+            if isinstance(count, int):  # only an int repeats text; a float raises
+                budget.text(len(text) * max(count, 0))
+                return text * count
+        raise _Failed(f"{where} on a yes/no result")
     try:
         if op == "add":
-            return a + b, None
+            return budget.integer(a + b)
         if op == "subtract":
-            return a - b, None
+            return budget.integer(a - b)
         if op == "multiply":
-            return a * b, None
+            return budget.integer(a * b)
         if op == "divide":
-            return a / b, None
-        return a ** b, None  # exp; float ** float is O(1): it overflows (raises) rather than hangs
+            return a / b
+        if isinstance(a, int) and isinstance(b, int) and (abs(a).bit_length() - 1) * b > MAX_INT_BITS:
+            raise _Failed(f"{where} gives an integer of more than {MAX_INT_BITS} bits (the evaluator's bound)")
+        return a ** b  # float ** float is O(1): it overflows (raises) rather than hangs
     except ZeroDivisionError:
-        what = "division by zero" if op == "divide" else "zero to a negative power"
-        return None, f"step {index}: {what}"
+        raise _Failed(f"{where}: division by zero" if op == "divide" else f"{where}: zero to a negative power") \
+            from None
     except OverflowError:
-        return None, f"step {index}: overflow in {op}"
+        raise _Failed(f"{where}: overflow") from None
 
 
-def _table_rows(table) -> tuple[dict | None, str | None]:
-    """Row name -> cells, later rows winning like the official dict."""
-    if not isinstance(table, (list, tuple)):
-        return None, "no table"
-    rows = {}
-    for row in table:
-        if not isinstance(row, (list, tuple)) or not row:
-            return None, "malformed table row"
+def _table_step(op: str, arg1: str, results: dict, state: dict, table, index: int):
+    """One table step. state["row"] is the official script's num_row, which outlives its step."""
+    try:
+        rows = {row[0]: row[1:] for row in table}
+    except (IndexError, KeyError, TypeError):
+        raise _Failed("malformed table") from None
+    if "#" in arg1:
+        _reference(arg1, results, index)  # official quirk: a #ref row keeps the previous table step's row
+        if state.get("row") is None:
+            raise _Failed(f"step {index}: {op} needs a row name, not {_short(arg1)}")
+    else:
+        if arg1 not in rows:
+            raise _Failed(f"row {_short(arg1)} not in table", rounds=True)
         try:
-            rows[row[0]] = row[1:]
-        except TypeError:
-            return None, "malformed table row"
-    return rows, None
-
-
-def _table_value(op: str, numbers: list[float], index: int) -> tuple[object, str | None]:
+            state["row"] = _official_row(rows[arg1])
+        except (AttributeError, TypeError, ValueError):
+            raise _Failed(f"row {_short(arg1)} has a cell that is not text or a number") from None
+        if state["row"] is None:
+            raise _Failed(f"row {_short(arg1)} has a cell that is not a number", rounds=True)
+    numbers = state["row"]
     if op == "table_sum":
-        return float(sum(numbers)), None
+        return sum(numbers)
     if not numbers:
-        return None, f"step {index}: {op} of a row without numbers"
+        raise _Failed(f"step {index}: {op} of a row without numbers")
     if op == "table_max":
-        return max(numbers), None
+        return max(numbers)
     if op == "table_min":
-        return min(numbers), None
-    return sum(numbers) / len(numbers), None
+        return min(numbers)
+    return sum(numbers) / len(numbers)
 
 
-def _problem(value, op: str, index: int) -> str | None:
-    """Why an intermediate value cannot be a FinQA answer (remembered in case it reaches the end)."""
+def _round_result(value):
+    """The official final rounding; it raises on text other than yes/no and on complex numbers."""
+    if value in ("yes", "no"):
+        return value
     if isinstance(value, complex):
-        return f"step {index}: {op} gives a complex number"
-    if isinstance(value, float) and math.isnan(value):
-        return f"step {index}: {op} gives nan"
-    if isinstance(value, float) and math.isinf(value):
-        return f"step {index}: overflow in {op} (inf)"
-    return None
+        raise _Failed("the result is a complex number")
+    if _is_text(value):
+        raise _Failed("the result is text, not a number or yes/no")
+    return round(value, 5)
 
 
 def execute_program(program: str | list[str], table: list[list[str]]) -> ExecutionResult:
-    """Run a program (string, or official token list ending in "EOF") on a table. Never raises."""
+    """Run a program (string, or official token list ending in "EOF") on a table, as the official script's
+    eval_program does. Never raises."""
     tokens = _as_tokens(program)
     if tokens is None:
-        return _invalid("program is neither a string nor a token list")
+        return ExecutionResult(False, None, "program is neither a string nor a token list")
     error = _structure_error(tokens)
     if error:
-        return _invalid(error)
+        return ExecutionResult(False, None, error)
     steps = _raw_steps(tokens)
-    if not steps:
-        return _invalid("empty program")
-    if len(steps) > MAX_STEPS:
-        return _invalid(f"too many steps ({len(steps)} > {MAX_STEPS})")
-
-    results: list = []
-    problems: list[str | None] = []
-    last_row = None
+    results: dict[int, object] = {}
+    state: dict = {}
+    budget = _Budget()
+    held = None  # the script's this_res ("n/a" there)
+    failure: _Failed | None = None
     for index, step in enumerate(steps):
-        parsed = _parse_step(step)
-        if parsed is None:
-            return _invalid(f"step {index} is malformed (expected op(arg1, arg2))")
-        op, arg1, arg2 = parsed
-        if op in BINARY_OPS:
-            a, error = _operand(arg1, results, index)
-            if error:
-                return _invalid(error)
-            b, error = _operand(arg2, results, index)
-            if error:
-                return _invalid(error)
-            value, error = _binary(op, a, b, index)
-        elif op in TABLE_OPS:
-            rows, error = _table_rows(table)
-            if error:
-                return _invalid(error)
-            if "#" in arg1:
-                # official quirk: a #ref row keeps the row of the previous table step
-                _, error = _step_ref(arg1, results, index)
-                if error:
-                    return _invalid(error)
-                if last_row is None:
-                    return _invalid(f"step {index}: {op} needs a row name, not {_short(arg1)}")
+        try:
+            parsed = _step_parts(step)
+            if parsed is None:
+                raise _Failed(f"step {index} has more than one '('", rounds=True)
+            op, arg1, arg2 = parsed
+            if op in BINARY_OPS:
+                a = _operand(arg1, results, index)
+                b = _operand(arg2, results, index)
+                value = _binary(op, a, b, index, budget)
+            elif "table" in op:
+                value = _table_step(op, arg1, results, state, table, index)
             else:
-                if arg1 not in rows:
-                    return _invalid(f"row {_short(arg1)} not in table")
-                last_row = table_row_to_numbers(rows[arg1])
-                if last_row is None:
-                    return _invalid(f"row {_short(arg1)} has a cell that is not a number")
-            value, error = _table_value(op, last_row, index)
-        else:
-            return _invalid(f"unknown op {_short(op)}")
-        if error:
-            return _invalid(error)
-        results.append(value)
-        problems.append(_problem(value, op, index))
+                continue  # the official script does nothing with such a step
+        except _ParseFailure as err:
+            failure = _Failed(str(err))
+            break
+        except _Failed as err:
+            failure = err
+            break
+        held = results[index] = value
+    if held is not None and (failure is None or failure.rounds):
+        try:
+            held = _round_result(held)
+        except _Failed as err:
+            failure = failure or err
+    if failure is not None:
+        return ExecutionResult(False, None, str(failure), official_value=held)
+    if held is None:
+        return ExecutionResult(False, None, "empty program" if not steps else "no step computed a result")
+    return ExecutionResult(True, held, None, official_value=held)
 
-    if problems[-1]:
-        # nan/inf/complex: name the first step where it appeared, the likely cause
-        return _invalid(next(problem for problem in problems if problem))
-    value = results[-1]
-    if isinstance(value, str):
-        return ExecutionResult(valid=True, value=value, error=None)
-    return ExecutionResult(valid=True, value=round(value, 5), error=None)
+
+def execution_match(result: ExecutionResult, exe_ans) -> bool:
+    """The official execution accuracy of one executed program."""
+    return result.valid and results_match(result.value, exe_ans)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # symbolic equivalence (official equal_program) and program accuracy
 
-def _steps_size(parsed: list[tuple[str, str, str]], limit: int) -> int | None:
-    """Node count of the expression tree of the last step (refs expanded), or None past the limit."""
-    sizes: list[int] = []
-    for op, arg1, arg2 in parsed:
-        size = 1
-        if "table" not in op:
-            for arg in (arg1, arg2):
-                if "#" in arg:
-                    k = _int_or_none(arg.replace("#", ""))
-                    if k is None or not 0 <= k < len(sizes):
-                        return None
-                    size += sizes[k]
-                else:
-                    size += 1
-        if size > limit:
-            return None
-        sizes.append(size)
-    return sizes[-1] if sizes else None
+@dataclass(frozen=True)
+class _Form:
+    """A program as equal_program sees it: its step strings, parsed steps, and the steps its final step
+    reaches (in order), each with the step indices its #refs name."""
+
+    steps: tuple
+    parsed: tuple
+    reached: tuple   # ((index, ref1 or None, ref2 or None), ...) in dependency order, final last
 
 
-def _expression(steps: list[str], parsed: list[tuple[str, str, str]], sym_map: dict):
-    """The sympy expression of the last step, built with sympy's operators exactly as the official script's
-    string "( a0 + a1 )" would be parsed (sympify evaluates), but without parsing any text."""
-    import sympy
-
-    built: list = []
-    for step, (op, arg1, arg2) in zip(steps, parsed):
-        if "table" in op:
-            built.append(sympy.Symbol(sym_map[step]))
-            continue
-        operands = []
+def _reached_steps(parsed: list) -> tuple | None:
+    """The steps the final step reaches through #refs (read as int(arg without "#"), as symbol_recur reads
+    them), in dependency order, final last; None where that walk fails in the official script (a ref to no
+    step, or a cycle: endless recursion)."""
+    def refs(index: int) -> tuple:
+        op, arg1, arg2 = parsed[index]
+        found = []
         for arg in (arg1, arg2):
-            if "#" in arg:
-                operands.append(built[int(arg.replace("#", ""))])  # backwards, checked by _steps_size
+            if "table" in op or "#" not in arg:
+                found.append(None)
+                continue
+            k = int(arg.replace("#", ""))  # ValueError: the script fails here too
+            if not 0 <= k < len(parsed):
+                raise KeyError(k)
+            found.append(k)
+        return tuple(found)
+
+    visiting, done = object(), object()
+    state: dict[int, object] = {}
+    order: list[tuple] = []
+    stack = [len(parsed) - 1]
+    try:
+        while stack:  # depth-first without recursion: a hostile program may chain thousands of steps
+            index = stack[-1]
+            if state.get(index) is done:
+                stack.pop()
+            elif state.get(index) is visiting:  # its refs are done
+                state[index] = done
+                order.append((index, *refs(index)))
+                stack.pop()
             else:
-                operands.append(sympy.Symbol(sym_map[arg]))
-        a, b = operands
-        if op == "add":
-            built.append(a + b)
-        elif op == "subtract":
-            built.append(a - b)
-        elif op == "multiply":
-            built.append(a * b)
-        elif op == "divide":
-            built.append(a / b)
-        elif op == "exp":
-            built.append(a ** b)
-        elif op == "greater":
-            built.append(a > b)  # StrictGreaterThan; raises TypeError on relational operands, like sympify
-        else:
-            raise ValueError(f"unknown op {op}")
-    return built[-1]
+                state[index] = visiting
+                for k in refs(index):
+                    if k is not None and state.get(k) is visiting:
+                        return None
+                    if k is not None and state.get(k) is None:
+                        stack.append(k)
+    except (KeyError, ValueError):
+        return None
+    return tuple(order)
 
 
-@functools.lru_cache(maxsize=4096)
-def _gold_form(gold_tokens: tuple) -> tuple[list[str], list, dict] | None:
-    """Gold step strings, parsed steps and the official symbol map (first appearance -> "a0", "a1", ...):
-    one symbol per distinct number argument and per distinct table step string."""
-    steps = _raw_steps(list(gold_tokens))
-    parsed = [_parse_step(step) for step in steps]
+def _depths_ok(form: _Form) -> bool:
+    """sympify parses the official string only when its steps nest at most SYMPIFY_MAX_DEPTH deep."""
+    depth: dict[int, int] = {}
+    for index, ref1, ref2 in form.reached:
+        depth[index] = 1 + max(depth[k] if k is not None else 0 for k in (ref1, ref2))
+    return depth[form.reached[-1][0]] <= SYMPIFY_MAX_DEPTH
+
+
+def _form(tokens: list) -> _Form | None:
+    steps = _raw_steps(tokens)
+    try:
+        parsed = [_step_parts(step) for step in steps]
+    except _ParseFailure:
+        return None
     if not steps or any(p is None for p in parsed):
         return None
-    sym_map: dict[str, str] = {}
-    for step, (op, arg1, arg2) in zip(steps, parsed):
-        names = [step] if "table" in op else [arg for arg in (arg1, arg2) if "#" not in arg]
-        for name in names:
-            if name not in sym_map:
-                sym_map[name] = f"a{len(sym_map)}"
-    return steps, parsed, sym_map
+    reached = _reached_steps(parsed)
+    if reached is None:
+        return None
+    return _Form(tuple(steps), tuple(parsed), reached)
 
 
 @functools.lru_cache(maxsize=4096)
-def _gold_simplified(gold_tokens: tuple):
-    import sympy
-
-    steps, parsed, sym_map = _gold_form(gold_tokens)
-    if _steps_size(parsed, MAX_EXPR_NODES) is None:
+def _gold(gold_tokens: tuple) -> tuple[_Form, dict] | None:
+    """The gold program's form and the official symbol map (first appearance -> "a0", "a1", ...): one symbol
+    per distinct number argument and per distinct table step string, over all its steps. None where the
+    official script would fail on the gold program itself (the item then counts as wrong)."""
+    form = _form(list(gold_tokens))
+    if form is None or not _depths_ok(form):
         return None
-    return sympy.simplify(_expression(steps, parsed, sym_map))
+    sym_map: dict[str, str] = {}
+    for step, (op, arg1, arg2) in zip(form.steps, form.parsed):
+        names = [step] if "table" in op else [arg for arg in (arg1, arg2) if "#" not in arg]
+        for name in names:
+            sym_map.setdefault(name, f"a{len(sym_map)}")
+    return form, sym_map
 
 
-def _pred_fits(steps: list[str], parsed: list, sym_map: dict) -> bool:
-    """The official checks on the prediction: table steps and number args must occur in the gold program,
-    #refs must point backwards."""
-    for index, (step, (op, arg1, arg2)) in enumerate(zip(steps, parsed)):
+def _pred_fits(form: _Form, sym_map: dict) -> bool:
+    """The official checks on every predicted step: table steps and number arguments occur in the gold
+    program, #refs point backwards (read as int(arg.strip("#")))."""
+    for index, (step, (op, arg1, arg2)) in enumerate(zip(form.steps, form.parsed)):
         if "table" in op:
             if step not in sym_map:
                 return False
@@ -460,10 +535,12 @@ def _pred_fits(steps: list[str], parsed: list, sym_map: dict) -> bool:
             if "#" not in arg:
                 if arg not in sym_map:
                     return False
-            else:
-                k = _int_or_none(arg.strip("#"))
-                if k is None or k >= index:
+                continue
+            try:
+                if int(arg.strip("#")) >= index:
                     return False
+            except ValueError:
+                return False
     return True
 
 
@@ -471,20 +548,21 @@ def _pred_fits(steps: list[str], parsed: list, sym_map: dict) -> bool:
 _POINTS = [[random.Random(1000 * k + i).uniform(1.5, 4.5) for i in range(256)] for k in range(3)]
 
 
-def _numeric_value(steps: list[str], parsed: list, sym_map: dict, point: list[float]):
-    """The last step's value at a point, in complex arithmetic (sympy's symbols are complex, and its powers
+def _numeric_value(form: _Form, sym_map: dict, point: list[float]):
+    """The final step's value at a point, in complex arithmetic (sympy's symbols are complex, and its powers
     take the principal branch like Python's); for a final greater, the pair (lhs, rhs). None if undefined."""
     def symbol(name: str) -> complex:
         return complex(point[int(sym_map[name][1:]) % len(point)])
 
-    values: list = []
-    for step, (op, arg1, arg2) in zip(steps, parsed):
+    values: dict[int, object] = {}
+    for index, ref1, ref2 in form.reached:
+        step, (op, arg1, arg2) = form.steps[index], form.parsed[index]
         if "table" in op:
-            values.append(symbol(step))
+            values[index] = symbol(step)
             continue
-        a, b = [values[int(arg.replace("#", ""))] if "#" in arg else symbol(arg) for arg in (arg1, arg2)]
-        values.append(_complex_step(op, a, b))
-    return values[-1]
+        a, b = [values[ref] if ref is not None else symbol(arg) for ref, arg in ((ref1, arg1), (ref2, arg2))]
+        values[index] = _complex_step(op, a, b)
+    return values[form.reached[-1][0]]
 
 
 def _complex_step(op: str, a, b):
@@ -526,55 +604,105 @@ def _differs(gold, pred) -> bool | None:
     return truths[0] != truths[1]
 
 
-def _numerically_different(gold_form: tuple, pred_form: tuple) -> bool:
-    """A cheap necessary condition for the official equality: simplify keeps a value, so two programs that
-    differ at random points (all the points where both are defined) cannot simplify to the same thing."""
-    verdicts = [_differs(_numeric_value(*gold_form, point), _numeric_value(*pred_form, point)) for point in _POINTS]
+def _numerically_different(gold: _Form, pred: _Form, sym_map: dict) -> bool:
+    verdicts = [_differs(_numeric_value(gold, sym_map, point), _numeric_value(pred, sym_map, point))
+                for point in _POINTS]
     settled = [verdict for verdict in verdicts if verdict is not None]
     return bool(settled) and all(settled)
 
 
+def _expression(form: _Form, sym_map: dict):
+    """The sympy expression of the final step, built with sympy's operators on the sub-expressions exactly as
+    sympify evaluates the official string "( a0 - a1 )". Raises TypeError where sympy does (a relational in
+    arithmetic), as sympify does."""
+    import sympy
+
+    built: dict[int, object] = {}
+    for index, ref1, ref2 in form.reached:
+        step, (op, arg1, arg2) = form.steps[index], form.parsed[index]
+        if "table" in op:
+            built[index] = sympy.Symbol(sym_map[step])
+            continue
+        a, b = [built[ref] if ref is not None else sympy.Symbol(sym_map[arg]) for ref, arg in ((ref1, arg1),
+                                                                                               (ref2, arg2))]
+        if op == "add":
+            built[index] = a + b
+        elif op == "subtract":
+            built[index] = a - b
+        elif op == "multiply":
+            built[index] = a * b
+        elif op == "divide":
+            built[index] = a / b
+        elif op == "exp":
+            built[index] = a ** b
+        elif op == "greater":
+            built[index] = a > b  # StrictGreaterThan; raises TypeError on relational operands, like sympify
+        else:
+            raise TypeError(f"no expression for op {op!r}")  # symbol_recur returns None: the script fails
+    return built[form.reached[-1][0]]
+
+
+def _too_big(expression) -> bool:
+    """More than MAX_SIMPLIFY_NODES nodes (counted with repeats, as simplify walks them; stops early), or a
+    power above MAX_SIMPLIFY_POWER (simplify expands powers of sums)."""
+    count, stack = 0, [expression]
+    while stack:
+        count += 1
+        node = stack.pop()
+        if count > MAX_SIMPLIFY_NODES:
+            return True
+        if node.is_Pow and node.exp.is_Rational and max(abs(node.exp.p), node.exp.q) > MAX_SIMPLIFY_POWER:
+            return True
+        stack.extend(node.args)
+    return False
+
+
+def _simplified(expression):
+    import sympy
+
+    return None if _too_big(expression) else sympy.simplify(expression)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gold_simplified(gold_tokens: tuple):
+    gold_form, sym_map = _gold(gold_tokens)
+    return _simplified(_expression(gold_form, sym_map))
+
+
 def programs_equivalent(pred_program, gold_program) -> bool:
-    """The official equal_program: the two programs are the same sympy expression after simplify, over
-    symbols for the gold program's number arguments and table steps. Never raises."""
+    """The official equal_program(gold, pred). Never raises: where the official script raises on the
+    prediction it answers False, and where it would raise on the gold program the item counts as wrong."""
     try:
         return _programs_equivalent(pred_program, gold_program)
-    except Exception:  # sympy can fail on odd expressions; the official script answers False then
+    except Exception:  # sympy fails on odd expressions (the official script catches it for the prediction)
         return False
 
 
 def _programs_equivalent(pred_program, gold_program) -> bool:
-    import sympy
-
     gold_tokens, pred_tokens = _as_tokens(gold_program), _as_tokens(pred_program)
     if gold_tokens is None or pred_tokens is None or not all(isinstance(t, str) for t in gold_tokens):
         return False
-    gold = _gold_form(tuple(gold_tokens))
+    gold = _gold(tuple(gold_tokens))
     if gold is None or _structure_error(pred_tokens):
         return False
-    gold_steps, _, sym_map = gold
-    steps = _raw_steps(pred_tokens)
-    if not steps or len(steps) > MAX_STEPS:
+    gold_form, sym_map = gold
+    pred_form = _form(pred_tokens)
+    if pred_form is None or not _pred_fits(pred_form, sym_map) or not _depths_ok(pred_form):
         return False
-    parsed = [_parse_step(step) for step in steps]
-    if any(p is None for p in parsed) or not _pred_fits(steps, parsed, sym_map):
-        return False
-    if _steps_size(parsed, MAX_EXPR_NODES) is None:
-        return False
-    pred_expression = _expression(steps, parsed, sym_map)
-    if steps == gold_steps:
-        return True  # same steps, same expression: skip sympy's (slow) simplify
-    if _numerically_different(gold, (steps, parsed, sym_map)):
+    if pred_form.steps == gold_form.steps:  # the same steps give the same expression: skip sympy's simplify
+        _expression(gold_form, sym_map)   # (unless building it fails, as sympify would)
+        return True
+    if _numerically_different(gold_form, pred_form, sym_map):
         return False
     gold_simplified = _gold_simplified(tuple(gold_tokens))
-    if gold_simplified is None:
-        return False
-    return sympy.simplify(pred_expression) == gold_simplified
+    pred_simplified = _simplified(_expression(pred_form, sym_map))
+    return gold_simplified is not None and pred_simplified is not None and pred_simplified == gold_simplified
 
 
 def program_accuracy(pred_program, gold_program, table, exe_ans) -> bool:
-    """The official program accuracy: equivalent to the gold program AND executes to exe_ans."""
-    result = execute_program(pred_program, table)
-    if not (result.valid and results_match(result.value, exe_ans)):
+    """The official program accuracy: equivalent to the gold program, and what the official script holds as
+    the result after running the prediction equals exe_ans (even when a later step made it invalid)."""
+    held = execute_program(pred_program, table).official_value
+    if not results_match(held, exe_ans):
         return False  # checked first: it is cheap and sympy is not
     return programs_equivalent(pred_program, gold_program)

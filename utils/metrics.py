@@ -11,7 +11,7 @@ from collections import Counter
 
 import pandas as pd
 
-from utils.finqa_program import execute_program, program_accuracy, results_match, tokenize_program
+from utils.finqa_program import execute_program, execution_match, program_accuracy, tokenize_program
 from utils.reward import RewardCalculator
 
 BREAKDOWN_COLUMNS = ["id", "prediction", "program", "executed_value", "exe_ans", "gold_program", "format_ok",
@@ -72,8 +72,7 @@ def official_scores(official: list[dict], rows: list[dict]) -> dict:
     exe_correct = prog_correct = 0
     for item in official:
         row = gold[item["id"]]
-        result = execute_program(item["predicted"], row["table"])
-        if result.valid and results_match(result.value, row["exe_ans"]):
+        if execution_match(execute_program(item["predicted"], row["table"]), row["exe_ans"]):
             exe_correct += 1
         if program_accuracy(item["predicted"], row["target_program"], row["table"], row["exe_ans"]):
             prog_correct += 1

@@ -6,11 +6,12 @@ what gets scored; the "answer" text is kept for reading but not scored.
 
 Components of a RewardResult:
 - format_ok: the completion holds a JSON object with a string "program" and a string/number "answer";
-- program_valid: the program parses and executes;
+- program_valid: the program parses and executes (FinQA's official script sees no error);
 - exec_match: FinQA's execution accuracy, round(result, 5) == exe_ans exactly (yes/no as strings);
 - numeric_match: exec_match, or both numbers and |result - exe_ans| <= numeric_tolerance * |exe_ans|
   (|result| <= ZERO_TOLERANCE when exe_ans is 0). A yes/no answer matches only exactly;
-- program_match: FinQA's program accuracy (symbolically equivalent to the gold program AND exec_match);
+- program_match: FinQA's program accuracy (symbolically equivalent to the gold program, and the official
+  script's result equals exe_ans; see utils.finqa_program: it can hold without exec_match);
 - partial_program: steps (op, arg1, arg2; #refs compared literally) shared by the gold and predicted programs,
   each predicted step used once (multiset), over the longer program's step count (padding earns nothing);
 - scale_error: a wrong number that is exe_ans * 100 or exe_ans / 100 within the tolerance (35 vs 0.35);
@@ -33,7 +34,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from utils.finqa_program import execute_program, program_steps, programs_equivalent, results_match
+from utils.finqa_program import execute_program, execution_match, program_steps, programs_equivalent, results_match
 
 ZERO_TOLERANCE = 1e-6  # absolute tolerance for numeric_match when exe_ans is 0 (relative makes no sense there)
 COMPONENTS = ("exact", "numeric", "partial_program", "format")
@@ -252,12 +253,14 @@ class RewardCalculator:
         result.executed_value = execution.value
         result.error = execution.error
         result.partial_program = partial_program_score(parsed.program, gold_program)
+        result.exec_match = execution_match(execution, exe_ans)
+        # FinQA's program accuracy compares what its script holds after running the program, which can be
+        # exe_ans although a later step failed; sympy only where that holds
+        result.program_match = results_match(execution.official_value, exe_ans) and \
+            programs_equivalent(parsed.program, gold_program)
         if execution.valid:
             value = execution.value
-            result.exec_match = results_match(value, exe_ans)
             result.numeric_match = result.exec_match or numbers_close(value, exe_ans, w.numeric_tolerance)
-            # sympy only where it can matter: program accuracy needs the execution match anyway
-            result.program_match = result.exec_match and programs_equivalent(parsed.program, gold_program)
             result.scale_error = not result.numeric_match and _is_number(exe_ans) and exe_ans != 0 and (
                 numbers_close(value, exe_ans * 100, w.numeric_tolerance)
                 or numbers_close(value, exe_ans / 100, w.numeric_tolerance))

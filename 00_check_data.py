@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.cli import main_guard, resolve_config, setup_logging, stage_dir, stage_parser
-from utils.finqa_data import RAW_FILES, DataError, entry_id, entry_problem, gold_context, load_raw_split
+from utils.finqa_data import RAW_FILES, DataError, duplicate_ids, entry_id, entry_problem, gold_context, load_raw_split
 from utils.finqa_program import execute_program, program_steps, results_match
 from utils.runs import stage_run, write_json_atomic
 
@@ -25,14 +25,14 @@ def length_stats(values: list[int]) -> dict:
             "p95": float(np.percentile(array, 95)), "max": int(array.max())}
 
 
-def check_split(entries: list) -> tuple[dict, list]:
+def check_split(entries: list, context_mode: str = "gold") -> tuple[dict, list]:
     invalid, mismatches, ops = [], [], Counter()
     lengths = {"question_words": [], "gold_context_words": [], "full_text_words": [], "table_rows": [],
                "program_steps": []}
     n_executed = n_match = 0
     valid_entries = []
     for index, entry in enumerate(entries):
-        problem = entry_problem(entry)
+        problem = entry_problem(entry, context_mode)
         if problem:
             invalid.append({"id": entry_id(entry, index), "reason": problem})
             continue
@@ -41,7 +41,8 @@ def check_split(entries: list) -> tuple[dict, list]:
         steps = program_steps(qa["program"])
         ops.update(op for op, _, _ in steps)
         lengths["question_words"].append(len(qa["question"].split()))
-        lengths["gold_context_words"].append(len(gold_context(entry).split()))
+        if entry["qa"].get("gold_inds") is not None:
+            lengths["gold_context_words"].append(len(gold_context(entry).split()))
         lengths["full_text_words"].append(len(" ".join(entry["pre_text"] + entry["post_text"]).split()))
         lengths["table_rows"].append(len(entry["table"]))
         lengths["program_steps"].append(len(steps))
@@ -53,8 +54,10 @@ def check_split(entries: list) -> tuple[dict, list]:
         else:
             mismatches.append({"id": entry["id"], "program": qa["program"], "exe_ans": qa["exe_ans"],
                                "executed": result.value, "error": result.error})
+    duplicates = duplicate_ids(entries)
     summary = {
         "n_entries": len(entries),
+        "duplicate_ids": duplicates,  # 01 refuses a split with any (an id must name one example)
         "n_valid": len(valid_entries),
         "n_invalid": len(invalid),
         "invalid_entries": invalid,
@@ -81,12 +84,14 @@ def main() -> int:
         for split, file_name in RAW_FILES.items():
             entries = load_raw_split(raw_dir / file_name)
             run.add_input(split, raw_dir / file_name)
-            split_summary, samples[split] = check_split(entries)
+            split_summary, samples[split] = check_split(entries, config["data"]["context_mode"])
             summary["splits"][split] = split_summary
             check = split_summary["gold_program_check"]
             log.info("%s: %d entries, %d invalid, gold programs reproducing exe_ans: %d/%d", split,
                      split_summary["n_entries"], split_summary["n_invalid"], check["n_match_exe_ans"],
                      check["n_checked"])
+            if split_summary["duplicate_ids"]:
+                log.warning("%s: ids naming more than one entry: %s", split, ", ".join(split_summary["duplicate_ids"]))
             if split_summary["n_valid"] == 0:
                 raise DataError(f"{raw_dir / file_name}: no usable entries")
 

@@ -2,45 +2,65 @@
 
 Writes <data.processed_dir>/{train,val,test}.jsonl (default datasets/finqa_processed/) with the chat messages,
 the gold program and answer, exe_ans and the table. The context is FinQA's gold evidence (data.context_mode:
-gold) or the whole report cut to data.max_prompt_tokens (full). Entries that cannot be used (bad schema, or a
-gold program that does not reproduce exe_ans) are skipped, counted and listed by id in the manifest.
+gold) or the whole report cut to data.max_prompt_tokens (full). Train entries that cannot be used (bad schema,
+or a gold program that does not reproduce exe_ans) are skipped, counted and listed by id in the manifest. Val
+and test are never made smaller: an entry that cannot be prompted there is an error naming the ids, and an
+entry whose gold program does not reproduce exe_ans is kept (FinQA's official evaluation scores it) and listed.
+An id must name one entry: a split with duplicate ids is refused.
 """
 import hashlib
 import json
 from pathlib import Path
 
 from utils.cli import UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
-from utils.finqa_data import (RAW_FILES, DataError, build_example, entry_id, entry_problem, full_context,
-                              gold_context, load_raw_split, write_jsonl)
+from utils.finqa_data import (RAW_FILES, DataError, build_example, duplicate_ids, entry_id, entry_problem,
+                              full_context, gold_context, load_raw_split, write_jsonl)
 from utils.finqa_program import execute_program, results_match
 from utils.models import load_tokenizer
 from utils.prompts import render_prompt
 from utils.runs import StageError, sha256_file, stage_run
 
 
-def process_split(entries: list, context_mode: str, tokenizer, budget: int) -> tuple[list, list]:
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def gold_reproduces(entry: dict) -> bool:
+    result = execute_program(entry["qa"]["program"], entry["table"])
+    return result.valid and results_match(result.value, entry["qa"]["exe_ans"])
 
-    rows, skipped = [], []
+
+def process_split(split: str, path: Path, entries: list, context_mode: str, tokenizer,
+                  budget: int) -> tuple[list, dict]:
+    """The processed rows of one split and what was left out (train only) or kept with a note."""
+    def count_tokens(lines: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]] if lines else []
+
+    duplicates = duplicate_ids(entries)
+    if duplicates:
+        raise DataError(f"{path}: {len(duplicates)} id(s) name more than one entry, e.g. {', '.join(duplicates[:5])}"
+                        f" (an id must name one example)")
+    rows, skipped, unusable, not_reproducing = [], [], [], []
     for index, entry in enumerate(entries):
-        problem = entry_problem(entry)
-        if problem is None:
-            result = execute_program(entry["qa"]["program"], entry["table"])
-            if not (result.valid and results_match(result.value, entry["qa"]["exe_ans"])):
-                problem = f"gold program does not reproduce exe_ans ({result.error or result.value})"
+        problem = entry_problem(entry, context_mode)
         if problem:
-            skipped.append({"id": entry_id(entry, index), "reason": problem})
+            unusable.append({"id": entry_id(entry, index), "reason": problem})
             continue
+        if not gold_reproduces(entry):
+            not_reproducing.append(entry["id"])
+            if split == "train":  # nothing to learn from a gold answer its own program does not give
+                skipped.append({"id": entry["id"], "reason": "gold program does not reproduce exe_ans"})
+                continue
         if context_mode == "gold":
             context = gold_context(entry)
         else:
             # The budget is for the whole prompt: leave room for the instructions and the question.
             empty = build_example(entry, "", context_mode)
-            overhead = count_tokens(render_prompt(tokenizer, empty["prompt"]))
+            overhead = count_tokens([render_prompt(tokenizer, empty["prompt"])])[0]
             context = full_context(entry, count_tokens, max(budget - overhead, 0))
         rows.append(build_example(entry, context, context_mode))
-    return rows, skipped
+    if unusable and split != "train":
+        raise DataError(f"{path}: {len(unusable)} of {len(entries)} entries cannot be used in the "
+                        f"{context_mode} setting, and {split} is never made smaller: "
+                        + "; ".join(f"{u['id']}: {u['reason']}" for u in unusable[:5])
+                        + (" ..." if len(unusable) > 5 else ""))
+    return rows, {"skipped": unusable + skipped, "gold_not_reproducing": not_reproducing}
 
 
 def rows_sha256(rows: list) -> str:
@@ -63,16 +83,20 @@ def main() -> int:
 
     with stage_run("01_prepare_dataset", stage_dir(args, config, "prepare"), config, args.seed,
                    overwrite=args.overwrite, keep_partial=False) as run:
-        processed, counts, skipped_by_split, prompt_tokens = {}, {}, {}, {}
+        processed, counts, skipped_by_split, prompt_tokens, not_reproducing = {}, {}, {}, {}, {}
         for split, file_name in RAW_FILES.items():
             entries = load_raw_split(raw_dir / file_name)
             run.add_input(split, raw_dir / file_name)
-            rows, skipped = process_split(entries, data["context_mode"], tokenizer, data["max_prompt_tokens"])
+            rows, left = process_split(split, raw_dir / file_name, entries, data["context_mode"], tokenizer,
+                                       data["max_prompt_tokens"])
             if not rows:
                 raise DataError(f"{raw_dir / file_name}: no usable entries")
+            skipped = left["skipped"]
             processed[split] = rows
-            counts[split] = {"n_raw": len(entries), "n_written": len(rows), "n_skipped": len(skipped)}
+            counts[split] = {"n_raw": len(entries), "n_written": len(rows), "n_skipped": len(skipped),
+                             "n_gold_not_reproducing": len(left["gold_not_reproducing"])}
             skipped_by_split[split] = skipped
+            not_reproducing[split] = left["gold_not_reproducing"]
             lengths = sorted(len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
                                                                tokenize=True, return_dict=True)["input_ids"])
                              for row in rows)
@@ -95,6 +119,7 @@ def main() -> int:
             run.outputs[f"{split}_sha256"] = sha256_file(path)
 
         run.extra["skipped_entries"] = skipped_by_split
+        run.extra["gold_not_reproducing"] = not_reproducing  # kept in val/test (scored as FinQA does), not in train
         run.metrics.update({"counts": counts, "prompt_tokens": prompt_tokens,
                             "n_skipped": sum(c["n_skipped"] for c in counts.values())})
     return 0

@@ -5,7 +5,6 @@ val.jsonl, scores it with the reward calculator (valid_samples/step_N.json) and 
 reward; ckpt_sft/final is the last step. --resume continues an interrupted run from its last checkpoint.
 """
 import json
-import logging
 from pathlib import Path
 
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, upstream_dir
-from utils.finqa_data import load_processed, read_jsonl, write_jsonl
+from utils.finqa_data import load_processed, write_jsonl
 from utils.preferences import (NO_PAIR_REASONS, PairingRules, PreferenceError, build_pairs, format_stats,
-                               make_candidate, margin_histogram, plot_margin_histogram, split_heldout)
+                               make_candidate, margin_histogram, plot_margin_histogram, read_candidates, read_scores,
+                               split_heldout)
 from utils.prompts import answer_json
 from utils.runs import StageError, require_completed, stage_run, write_text_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
@@ -74,8 +75,8 @@ def main() -> int:
     with stage_run("08_build_prefs", out_dir, config, args.seed, overwrite=args.overwrite,
                    keep_partial=False) as run:
         source, candidates_manifest = candidates_input(args, config)
-        candidates_rows = read_jsonl(run.add_input("candidates", source / "candidates.jsonl"))
-        scores = read_jsonl(run.add_input("scores", source / "scores.jsonl"))
+        candidates_rows = read_candidates(run.add_input("candidates", source / "candidates.jsonl"))
+        scores = read_scores(run.add_input("scores", source / "scores.jsonl"))
         if not candidates_rows:
             raise StageError(f"{source / 'candidates.jsonl'}: no prompts")
 

@@ -8,12 +8,13 @@ without loading a model.
 """
 from pathlib import Path
 
-from utils.cli import UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, upstream_dir
-from utils.finqa_data import load_processed, read_jsonl, write_jsonl
+from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, \
+    upstream_dir
+from utils.finqa_data import load_processed, read_jsonl_lines, write_jsonl
 from utils.generation import GenerationStats, generate, settings_from_config
 from utils.metrics import aggregate, breakdown_frame, official_predictions, official_scores, score_items
-from utils.models import configure_torch, load_model, load_tokenizer, model_dtype
-from utils.runs import StageError, stage_run, write_json_atomic
+from utils.models import configure_torch, load_model, load_tokenizer, model_dtype, require_checkpoint
+from utils.runs import StageError, plain_name, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
 
 # label -> (stage, checkpoint inside its folder) evaluated when no --policy_ckpt is given
@@ -26,19 +27,21 @@ def checkpoint_for(args, config) -> Path | None:
     if args.base:
         return None
     if args.policy_ckpt:
-        return Path(args.policy_ckpt)
+        return require_checkpoint(args.policy_ckpt)
     if args.label not in LABEL_CHECKPOINTS:
         raise UsageError(f"--label {args.label}: pass --policy_ckpt or --base (no default checkpoint for this label)")
     stage, inside = LABEL_CHECKPOINTS[args.label]
-    return upstream_dir(args, config, stage) / inside
+    folder = upstream_dir(args, config, stage)
+    require_completed(folder, "finish that stage first, or pass --policy_ckpt")
+    return require_checkpoint(folder / inside, "checkpoint")
 
 
 def read_predictions(path: Path, rows: list[dict]) -> list[dict]:
     """Saved predictions ({"id", "completion"} per line), in the order of rows; every row must have one."""
     by_id = {}
-    for index, record in enumerate(read_jsonl(path), 1):
+    for line_no, record in read_jsonl_lines(path):
         if not isinstance(record.get("id"), str) or not isinstance(record.get("completion"), str):
-            raise StageError(f"{path}:{index}: each line needs a string 'id' and 'completion'")
+            raise StageError(f"{path}:{line_no}: each line needs a string 'id' and 'completion'")
         by_id[record["id"]] = record
     missing = [row["id"] for row in rows if row["id"] not in by_id]
     if missing:
@@ -46,24 +49,28 @@ def read_predictions(path: Path, rows: list[dict]) -> list[dict]:
     return [by_id[row["id"]] for row in rows]
 
 
+FLAGS = (
+    ConfigFlag("--split", "evaluation.split", str, "processed split to evaluate on"),
+    ConfigFlag("--max_examples", "evaluation.max_examples", int, "evaluate the first N examples only"),
+)
+
+
 def main() -> int:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, config_flags=FLAGS)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--policy_ckpt", default=None, help="LoRA adapter or merged model folder to evaluate")
     source.add_argument("--base", action="store_true", help="evaluate the untrained base model")
     source.add_argument("--predictions_jsonl", default=None, help="re-score saved predictions (no model)")
     parser.add_argument("--label", default=None, help="sub-folder name: base, sft, ppo, grpo, rloo, dpo, ...")
-    parser.add_argument("--split", default=None, help="processed split (default: evaluation.split)")
-    parser.add_argument("--max_examples", type=int, default=None, help="evaluate the first N examples only")
     parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
     args = parser.parse_args()
     if args.label is None:
         args.label = "base" if args.base else None
     if not args.label:
         raise UsageError("--label is required (e.g. --label sft)")
+    plain_name(args.label, "--label")
     config = resolve_config(args)
-    split = args.split or config["evaluation"]["split"]
-    limit = args.max_examples or config["evaluation"]["max_examples"]
+    split, limit = config["evaluation"]["split"], config["evaluation"]["max_examples"]
     out_dir = stage_dir(args, config, "evaluation") / args.label if not args.output_dir else Path(args.output_dir)
     log = setup_logging()
 

@@ -55,6 +55,8 @@ def main() -> None:
     if run_dir.exists():
         if not args.fresh:
             sys.exit(f"error: {run_dir} exists: a benchmark needs a fresh run (pass --fresh to delete it)")
+        if not (run_dir / "run_manifest.json").is_file():  # only ever delete a run folder the driver wrote
+            sys.exit(f"error: {run_dir} is not a run folder of 12_driver.py (no run_manifest.json); not deleting it")
         shutil.rmtree(run_dir)
     started = time.time()
     subprocess.run([sys.executable, "12_driver.py", "--method", "all", "--quick_test", "--run_id", args.run_id],

@@ -59,9 +59,9 @@ def test_manifest_lifecycle_and_no_silent_overwrite(tmp_path):
     assert manifest["environment"]["torch"] and manifest["duration_s"] >= 0
     assert (folder / "logs" / "stage.log").is_file()
     with pytest.raises(StageError, match="already holds a completed stage"):
-        prepare_stage_dir(folder, overwrite=False)
+        prepare_stage_dir(folder, "demo", overwrite=False)
     assert (folder / "out.txt").read_text() == "result"
-    prepare_stage_dir(folder, overwrite=True)
+    prepare_stage_dir(folder, "demo", overwrite=True)
     assert not (folder / "out.txt").exists()
 
 
@@ -73,7 +73,7 @@ def test_failed_stage_records_the_error(tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "boom" in manifest["error"]
     assert not is_completed(folder)
-    prepare_stage_dir(folder, overwrite=False)  # an unfinished stage may be redone
+    prepare_stage_dir(folder, "demo", overwrite=False)  # an unfinished stage may be redone
 
 
 def test_sha256_of_folders_changes_with_content(tmp_path):

@@ -129,10 +129,18 @@ def test_driver_skips_reruns_and_resumes(run_stage):
     assert code == 0 and "nothing to do" in out
     assert set(actions(run_dir).values()) == {"skipped"} and snapshot(run_dir) == before
 
-    # deleting one stage's manifest re-runs that stage; the plan marks what depends on it, and each of those is
+    # a folder without a manifest of its stage is not the project's to replace: the plan refuses it
+    manifest_02 = (run_dir / "02_rewards" / "manifest.json").read_text()
+    (run_dir / "02_rewards" / "manifest.json").unlink()
+    code, out = drive(run_stage, *CHAIN, "--dry_run")
+    assert code == 1 and " ERROR " in plan_line(out, "02_rewards") and "did not write" in out
+    code, out = drive(run_stage, *CHAIN)
+    assert code == 1 and (run_dir / "02_rewards" / "reward_spec.yaml").is_file()  # nothing deleted
+
+    # an interrupted stage (manifest 'running') re-runs; the plan marks what depends on it, and each of those is
     # checked again after it ran: 02 reproduces the same reward_spec.yaml, so the evaluation stays valid
     spec_hash = sha256_path(run_dir / "02_rewards" / "reward_spec.yaml")
-    (run_dir / "02_rewards" / "manifest.json").unlink()
+    (run_dir / "02_rewards" / "manifest.json").write_text(manifest_02.replace('"completed"', '"running"', 1))
     code, out = drive(run_stage, *CHAIN, "--dry_run")
     assert " skip " in plan_line(out, "01_preprocessing")
     assert " RUN " in plan_line(out, "02_rewards")

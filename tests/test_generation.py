@@ -6,7 +6,7 @@ import torch
 
 from utils import generation
 from utils.generation import (GenerationSettings, GenerationStats, JsonEndCriteria, PromptLookup, generate,
-                              json_object_end, stop_token_ids)
+                              json_object_end)
 from utils.models import load_model, load_tokenizer
 from utils.prompts import prompt_messages, render_prompt
 

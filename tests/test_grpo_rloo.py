@@ -203,9 +203,11 @@ def test_grpo_and_rloo_stages(run_stage, reward_calls):
 
 def test_stage_rejects_bad_input(run_stage, tmp_path, capsys):
     assert run_stage("06_train_grpo.py", "--quick_test", "--num_generations", "1") == 1
-    assert "num_generations must be >= 2" in capsys.readouterr().err
-    not_adapter = tmp_path / "merged"
+    assert "'algorithm.num_generations' must be an integer >= 2" in capsys.readouterr().err
+    not_adapter = tmp_path / "merged"  # a model folder: config.json and weights, no adapter_config.json
     not_adapter.mkdir()
+    (not_adapter / "config.json").write_text("{}")
+    (not_adapter / "model.safetensors").write_bytes(b"")
     assert run_stage("01_prepare_dataset.py") == 0
     assert run_stage("07_train_rloo.py", "--quick_test", "--policy_ckpt", str(not_adapter)) == 1
     assert "expected a LoRA adapter folder" in capsys.readouterr().err
@@ -238,7 +240,7 @@ def test_rl_train_rows_keeps_prompts_with_mixed_rewards(run_stage, tmp_path):
     mixed = ("algorithm.train_prompts=mixed", f"algorithm.candidate_scores={scores}")
     assert rows(*mixed) == [ids[1], ids[3]]  # in train.jsonl's order
     assert rows(*mixed, "algorithm.max_train_examples=1") == [ids[1]]
-    with pytest.raises(ConfigError, match="algorithm.train_prompts must be one of all, mixed"):
+    with pytest.raises(ConfigError, match="'algorithm.train_prompts' must be one of all, mixed"):
         rows("algorithm.train_prompts=hard")
     with pytest.raises(StageError, match="04_candidates is not a completed stage"):
         rows("algorithm.train_prompts=mixed")

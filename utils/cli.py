@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from utils.config import ConfigError, load_config
-from utils.runs import STAGE_FOLDERS, StageError, run_root
+from utils.runs import STAGE_FOLDERS, StageError, plain_name, run_root
 
 DEFAULT_MODEL_CONFIG = "configs/models/smollm2-135m.yaml"
 
@@ -53,8 +53,14 @@ def stage_parser(description: str, algo_config: str | None = None,
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
+    plain_name(args.run_id, "--run_id")
     named = {item.key: getattr(args, item.flag.lstrip("-")) for item in args._config_flags}
-    return load_config(args.config, getattr(args, "algo_config", None), args.quick_test, args.overrides, named)
+    try:
+        return load_config(args.config, getattr(args, "algo_config", None), args.quick_test, args.overrides, named)
+    except ConfigError as err:  # a value given by a named flag: say which flag
+        flag = next((item.flag for item in args._config_flags
+                     if named[item.key] is not None and f"'{item.key}'" in str(err)), None)
+        raise ConfigError(f"{flag}: {err}" if flag else str(err)) from None
 
 
 def stage_dir(args: argparse.Namespace, config: dict, stage: str) -> Path:

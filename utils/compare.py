@@ -267,11 +267,14 @@ def load_evaluations(paths: list[Path]) -> list[Evaluation]:
     for path in paths:
         manifest = read_manifest(path.parent)
         try:
-            metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise StageError(f"{path}: not a readable metrics.json ({err})") from None
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise StageError(f"{path}: not a readable metrics.json ({str(err).splitlines()[0]})") from None
         if not isinstance(metrics, dict) or "execution_accuracy" not in metrics:
             raise StageError(f"{path}: not an evaluation's metrics.json (no execution_accuracy)")
+        for key in ("n_examples", *HEADLINE):
+            if key in metrics and metrics[key] is not None and not _is_number(metrics[key]):
+                raise StageError(f"{path}: '{key}' is {metrics[key]!r}, not a number")
         run_dir = _run_dir_of(path)
         label = str(metrics.get("label") or path.parent.name)
         train_dir = None if label == "base" else training_stage(run_dir, label, manifest)
@@ -294,7 +297,11 @@ def load_evaluations(paths: list[Path]) -> list[Evaluation]:
         result.method = result.label if len(models) <= 1 else f"{result.label} ({result.model})"
     for result in results:
         if result.breakdown_path is not None:
-            result.breakdown = pd.read_csv(result.breakdown_path, dtype={"id": str})
+            try:
+                result.breakdown = pd.read_csv(result.breakdown_path, dtype={"id": str}, encoding="utf-8")
+            except (OSError, UnicodeDecodeError, ValueError) as err:  # pandas' ParserError is a ValueError
+                raise StageError(f"{result.breakdown_path}: not a readable breakdown.csv "
+                                 f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     return results
 
 

@@ -9,6 +9,7 @@ change a key that exists, and keeps its type, so a typo is an error that names t
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -136,9 +137,96 @@ def validate_model_config(config: dict, path: str | Path) -> None:
             get_key(config, key)
         except ConfigError:
             raise ConfigError(f"{path}: missing key '{key}'") from None
-    if config["data"]["context_mode"] not in ("gold", "full", "retrieved"):
-        raise ConfigError(f"{path}: data.context_mode must be gold or full, "
-                          f"got '{config['data']['context_mode']}'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# values: every key with a closed set of values or a range, checked on the resolved configuration (after the
+# quick_test overlay and every override), wherever the key occurs
+
+def one_of(*choices):
+    def check(value):
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}"
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, *, integer: bool = False, low_open: bool = False,
+           high_open: bool = False, null: bool = False, also: tuple = ()):
+    """A number in [low, high] (open ends where asked); integer only; null allowed; `also`: extra values."""
+    def check(value):
+        if value is None and null or value in also and not isinstance(value, bool):
+            return None
+        kind = "an integer" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or \
+                (isinstance(value, float) and not math.isfinite(value)):
+            return f"must be {kind}{' or null' if null else ''}"
+        if low is not None and (value <= low if low_open else value < low) or \
+                high is not None and (value >= high if high_open else value > high):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            extra = f" (or {', '.join(map(str, also))})" if also else ""
+            return f"must be {kind} {' and '.join(part for part in (lo, hi) if part)}{extra}" + \
+                (" or null (null = all)" if null else "")
+        return None
+    return check
+
+
+COUNT = number(1, integer=True)                       # at least one
+OPTIONAL_COUNT = number(1, integer=True, null=True)   # null = all
+POSITIVE = number(0, low_open=True)
+SPLITS = ("train", "val", "test")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+RULES = {
+    "model.dtype": one_of("float32", "bfloat16", "float16"),
+    "model.torch_threads": number(0, integer=True),
+    "lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": number(0, 1, high_open=True),
+    "data.context_mode": one_of("gold", "full", "retrieved"),
+    "data.max_prompt_tokens": COUNT,
+    "training.batch_size": COUNT, "training.gradient_accumulation_steps": COUNT,
+    "training.learning_rate": POSITIVE, "training.max_seq_length": COUNT,
+    "generation.batch_size": COUNT, "generation.max_new_tokens": COUNT, "generation.temperature": POSITIVE,
+    "generation.top_p": number(0, 1, low_open=True), "generation.lookup_draft_tokens": number(0, integer=True),
+    "candidates.num_candidates": COUNT, "candidates.split": one_of(*SPLITS),
+    "candidates.max_prompts": OPTIONAL_COUNT,
+    "evaluation.split": one_of(*SPLITS), "evaluation.max_examples": OPTIONAL_COUNT,
+    # algorithms (configs/algorithms/*.yaml; a key means the same in every method that has it)
+    "algorithm.epochs": POSITIVE, "algorithm.max_steps": number(1, integer=True, also=(-1,)),
+    "algorithm.max_train_examples": OPTIONAL_COUNT, "algorithm.warmup_ratio": number(0, 1, high_open=True),
+    "algorithm.weight_decay": number(0), "algorithm.lr_scheduler_type": one_of(*SCHEDULERS),
+    "algorithm.max_grad_norm": POSITIVE, "algorithm.logging_steps": COUNT,
+    "algorithm.eval_every_steps": number(0, integer=True), "algorithm.n_val_examples": OPTIONAL_COUNT,
+    "algorithm.save_every_steps": COUNT, "algorithm.save_total_limit": OPTIONAL_COUNT,
+    "algorithm.learning_rate": POSITIVE, "algorithm.steps": COUNT, "algorithm.prompts_per_step": COUNT,
+    "algorithm.num_generations": number(2, integer=True), "algorithm.micro_batch_size": OPTIONAL_COUNT,
+    "algorithm.beta": number(0), "algorithm.epsilon": POSITIVE, "algorithm.num_iterations": COUNT,
+    "algorithm.max_completion_length": OPTIONAL_COUNT, "algorithm.max_new_tokens": OPTIONAL_COUNT,
+    "algorithm.temperature": number(0, low_open=True, null=True),
+    "algorithm.top_p": number(0, 1, low_open=True, null=True),
+    "algorithm.scale_rewards": one_of("group", "batch", "none"),
+    "algorithm.train_prompts": one_of("all", "mixed"),
+    "algorithm.rollout_batch_size": COUNT, "algorithm.mini_batch_size": COUNT,
+    "algorithm.gradient_accumulation_steps": COUNT, "algorithm.ppo_epochs": COUNT,
+    "algorithm.clip_range": POSITIVE, "algorithm.cliprange_value": POSITIVE, "algorithm.vf_coef": number(0),
+    "algorithm.gamma": number(0, 1, low_open=True), "algorithm.lam": number(0, 1, low_open=True),
+    "algorithm.kl_coef": number(0),
+    "algorithm.kl_target": POSITIVE, "algorithm.kl_horizon": COUNT,
+    "algorithm.value_head_dropout": number(0, 1, high_open=True),
+    "algorithm.max_length": OPTIONAL_COUNT, "algorithm.max_train_pairs": OPTIONAL_COUNT,
+    "algorithm.eval_pairs_every_steps": number(0, integer=True),
+    "algorithm.preference_eval_max_pairs": OPTIONAL_COUNT, "algorithm.preference_eval_batch_size": COUNT,
+}
+
+
+def validate_values(config: dict, rules: dict = RULES) -> None:
+    """Every key of `rules` that the configuration has must satisfy its rule."""
+    for key, check in rules.items():
+        try:
+            value = get_key(config, key)
+        except ConfigError:
+            continue
+        problem = check(value)
+        if problem:
+            raise ConfigError(f"config key '{key}' {problem}, got {value!r}")
 
 
 def load_config(model_config: str | Path, algo_config: str | Path | None = None, quick_test: bool = False,
@@ -151,6 +239,8 @@ def load_config(model_config: str | Path, algo_config: str | Path | None = None,
         config["algorithm"] = _with_quick_test(load_yaml(algo_config), quick_test, "algorithm.")
         config["algo_config_file"] = str(algo_config)
     try:
-        return apply_overrides(config, overrides, named)
+        config = apply_overrides(config, overrides, named)
+        validate_values(config)
     except ConfigError as err:
         raise ConfigError(f"{err} (files: {model_config}{', ' + str(algo_config) if algo_config else ''})") from None
+    return config

@@ -57,8 +57,8 @@ from typing import Any, Callable
 from utils.cli import DEFAULT_MODEL_CONFIG, UsageError
 from utils.compare import comparison_config, completed_metrics_files, config_diff
 from utils.config import ConfigError, get_key, load_config, parse_override
-from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, now_iso, read_manifest, run_root, sha256_path, \
-    write_json_atomic
+from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, is_stage_folder, now_iso, read_manifest, run_root, \
+    sha256_path, write_json_atomic
 
 METHODS = ("ppo", "grpo", "rloo", "dpo")
 RL_METHODS = ("ppo", "grpo", "rloo")
@@ -438,6 +438,9 @@ def decide(resolver: Resolver, spec: StageSpec, rerun_upstream: set[str], forced
     config = resolver.config_or_error(spec)
     if isinstance(config, Exception):
         return Decision(spec, "error", [str(config)]), None
+    if _has_files(folder) and not is_stage_folder(folder, Path(spec.script).stem):
+        return Decision(spec, "error", [f"{folder} holds files this project did not write there (no manifest.json "
+                                        f"of {Path(spec.script).stem}); move them away"]), None
     check = check_stage(folder, config, resolver.settings.seed)
     if spec.key == "comparison" and check.manifest is not None:
         check.reasons += comparison_changes(check.manifest, config)

@@ -8,8 +8,10 @@ gold program and answer, exe_ans and the table (for table ops in the reward).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,14 +28,24 @@ class DataError(StageError):
     """The data cannot be used (missing file, not JSON, wrong shape): one line naming the file or entry."""
 
 
+def _utf8(raw: bytes, path: Path, line_no: int | None = None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f"{path}:{line_no}" if line_no is not None else str(path)
+        raise DataError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
+
+
 def load_raw_split(path: str | Path) -> list:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"FinQA file not found: {path} (run download.sh, or pass --finqa_dir)")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(_utf8(path.read_bytes(), path))
+    except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not a FinQA file (JSON nested too deeply to read)") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of FinQA entries, got {type(data).__name__}")
     return data
@@ -43,8 +55,9 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def entry_problem(entry: Any) -> str | None:
-    """Why a raw entry cannot be used, or None when its schema is fine."""
+def entry_problem(entry: Any, context_mode: str = "gold") -> str | None:
+    """Why a raw entry cannot be used, or None when its schema is fine. gold_inds is required only for the
+    gold context; qa.answer is optional (the completion then shows exe_ans)."""
     if not isinstance(entry, dict):
         return f"entry is a {type(entry).__name__}, not an object"
     if not isinstance(entry.get("id"), str) or not entry["id"]:
@@ -62,15 +75,35 @@ def entry_problem(entry: Any) -> str | None:
         return "missing or empty 'qa.question'"
     if not isinstance(qa.get("program"), str) or not qa["program"].strip():
         return "missing or empty 'qa.program'"
-    exe_ans = qa.get("exe_ans")
-    if isinstance(exe_ans, bool) or not isinstance(exe_ans, (int, float, str)):
-        return "'qa.exe_ans' is not a number or yes/no"
-    if isinstance(exe_ans, str) and exe_ans not in ("yes", "no"):
-        return f"'qa.exe_ans' is the string {exe_ans!r}, not a number or yes/no"
+    problem = exe_ans_problem(qa.get("exe_ans"))
+    if problem:
+        return f"'qa.exe_ans' {problem}"
+    if "answer" in qa and (isinstance(qa["answer"], bool) or not isinstance(qa["answer"], (str, int, float))):
+        return "'qa.answer' is not a string"
     gold = qa.get("gold_inds")
+    if gold is None and context_mode != "gold":
+        return None
     if not isinstance(gold, dict) or not all(isinstance(v, str) for v in gold.values()):
-        return "'qa.gold_inds' is not an object of strings"
+        return "'qa.gold_inds' is not an object of strings" if gold is not None else \
+            "no 'qa.gold_inds' (needed for data.context_mode gold)"
     return None
+
+
+def exe_ans_problem(exe_ans: Any) -> str | None:
+    """exe_ans must be a finite number or "yes"/"no" (what FinQA's script can match)."""
+    if isinstance(exe_ans, bool) or not isinstance(exe_ans, (int, float, str)):
+        return "is not a number or yes/no"
+    if isinstance(exe_ans, str) and exe_ans not in ("yes", "no"):
+        return f"is the string {exe_ans!r}, not a number or yes/no"
+    if isinstance(exe_ans, float) and not math.isfinite(exe_ans):
+        return f"is {exe_ans}, not a finite number"
+    return None
+
+
+def duplicate_ids(entries: list) -> list[str]:
+    """Ids that name more than one entry, in order of first appearance."""
+    counts = Counter(entry["id"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("id"), str))
+    return [entry_id for entry_id, count in counts.items() if count > 1]
 
 
 def entry_id(entry: Any, index: int) -> str:
@@ -90,25 +123,29 @@ def full_context(entry: dict, count_tokens, budget: int) -> str:
     """All text and the table, in the report's order, cut to a token budget.
 
     The table is kept first (table ops need its row names), then sentences in their order until the budget is
-    spent; what is kept stays in the report's order.
+    spent; what is kept stays in the report's order. count_tokens takes a list of lines and returns their
+    token counts (one batched tokenizer call), so the cost is linear in the size of the report.
     """
     table_lines = ["Table:"] + [table_row_text(row) for row in entry["table"]]
-    used = sum(count_tokens(line) + 1 for line in table_lines)
-    keep_pre, keep_post = [], []
-    for source, kept in ((entry["pre_text"], keep_pre), (entry["post_text"], keep_post)):
-        for sentence in source:
-            sentence = sentence.strip()
-            if not sentence or sentence == ".":
-                continue
-            cost = count_tokens(sentence) + 1
-            if used + cost <= budget:
-                kept.append(sentence)
-                used += cost
-    lines = keep_pre + table_lines + keep_post
-    # A table alone may exceed the budget: cut it line by line from the end.
-    while len(lines) > 1 and sum(count_tokens(line) + 1 for line in lines) > budget:
-        lines.pop()
-    return "\n".join(lines)
+    sentences = [(source, sentence.strip()) for source in ("pre_text", "post_text") for sentence in entry[source]
+                 if sentence.strip() and sentence.strip() != "."]
+    costs = [n + 1 for n in count_tokens(table_lines + [sentence for _, sentence in sentences])]
+    table_costs, sentence_costs = costs[:len(table_lines)], costs[len(table_lines):]
+    kept = {"pre_text": [], "post_text": []}
+    used = sum(table_costs)
+    if used > budget:
+        # The table alone exceeds the budget: keep its lines from the top while they fit (at least one), no text.
+        kept_table, used = 0, 0
+        for cost in table_costs:
+            if kept_table and used + cost > budget:
+                break
+            kept_table, used = kept_table + 1, used + cost
+        return "\n".join(table_lines[:kept_table])
+    for (source, sentence), cost in zip(sentences, sentence_costs):
+        if used + cost <= budget:
+            kept[source].append(sentence)
+            used += cost
+    return "\n".join(kept["pre_text"] + table_lines + kept["post_text"])
 
 
 def answer_text(qa: dict) -> str:
@@ -152,33 +189,72 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         raise
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; one error line naming file:line for anything else."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     rows = []
-    with open(path) as handle:
-        for line_no, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            line = _utf8(raw, path, line_no)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({err})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{line_no}: JSON nested too deeply to read") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object")
-            rows.append(row)
+            rows.append((line_no, row))
     return rows
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [row for _, row in read_jsonl_lines(path)]
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def processed_row_problem(row: dict) -> str | None:
+    """Why a processed row cannot be scored or prompted (missing fields, wrong types), or None."""
+    missing = [field for field in PROCESSED_FIELDS if field not in row]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key in ("id", "question", "input_text", "target_program", "target_answer", "context_mode"):
+        if not isinstance(row[key], str) or (key in ("id", "target_program") and not row[key].strip()):
+            return f"'{key}' is not a{' non-empty' if key in ('id', 'target_program') else ''} string"
+    for key in ("prompt", "completion"):
+        if not _is_messages(row[key]):
+            return f"'{key}' is not a list of chat messages ({{role, content}})"
+    problem = exe_ans_problem(row["exe_ans"])
+    if problem:
+        return f"'exe_ans' {problem}"
+    if not isinstance(row["table"], list) or not all(_is_str_list(r) for r in row["table"]):
+        return "'table' is not a list of rows of strings"
+    return None
+
+
 def load_processed(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Processed rows, checked for the fields later stages rely on."""
-    rows = read_jsonl(path)
-    for row in rows:
-        missing = [field for field in PROCESSED_FIELDS if field not in row]
-        if missing:
-            raise DataError(f"{path}: entry {row.get('id', '?')} lacks {', '.join(missing)} "
+    """Processed rows, checked for the fields (and their types) later stages rely on, with unique ids."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"{path}: a limit on the examples must be a whole number >= 1 (or null: all), got {limit!r}")
+    rows, seen = [], {}
+    for line_no, row in read_jsonl_lines(path):
+        problem = processed_row_problem(row)
+        if problem:
+            raise DataError(f"{path}:{line_no}: entry {row.get('id', '?')!s:.80} {problem} "
                             f"(re-run 01_prepare_dataset.py)")
+        if row["id"] in seen:
+            raise DataError(f"{path}:{line_no}: id {row['id']} already on line {seen[row['id']]} "
+                            f"(an id names one example)")
+        seen[row["id"]] = line_no
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows[:limit] if limit else rows

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import cmath
 import functools
-import math
 import random
 from dataclasses import dataclass
 

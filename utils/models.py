@@ -38,17 +38,93 @@ def model_dtype(config: dict, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _require_dir(path: str | Path, what: str) -> Path:
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _json_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_problem(path: str | Path, flag: str = "--policy_ckpt") -> str | None:
+    """Why a folder is not a checkpoint this project can load (None when it is one): a LoRA adapter folder
+    (adapter_config.json, adapter weights, and the adapters beneath it) or a model folder (config.json and
+    weights). Looks at a few named files only, so /proc or /etc cost nothing."""
     path = Path(path)
     if not path.is_dir():
-        raise StageError(f"{what} not found: {path} (run download.sh, or check the path)")
-    return path
+        return f"{flag} {path}: folder not found"
+    if (path / "adapter_config.json").exists():
+        config = _json_object(path / "adapter_config.json")
+        if config is None or "peft_type" not in config:
+            return f"{flag} {path}: adapter_config.json is not a PEFT adapter config (not a JSON object with peft_type)"
+        if not any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES):
+            return f"{flag} {path}: an adapter folder without adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)})"
+        if (path / BASE_ADAPTERS_FILE).exists():
+            listed = _json_object(path / BASE_ADAPTERS_FILE)
+            if listed is None or not isinstance(listed.get("adapters"), list) or \
+                    not all(isinstance(a, str) for a in listed["adapters"]):
+                return f"{flag} {path}: {BASE_ADAPTERS_FILE} is not {{\"adapters\": [folders]}}"
+            for adapter in base_adapters(path):
+                problem = checkpoint_problem(adapter, f"{flag} {path}: base adapter")
+                if problem:
+                    return problem
+        return None
+    if (path / "config.json").exists():
+        if _json_object(path / "config.json") is None:
+            return f"{flag} {path}: config.json is not a JSON object"
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            return f"{flag} {path}: a model folder without weights ({', '.join(WEIGHT_FILES)})"
+        return None
+    return f"{flag} {path}: not a checkpoint (no adapter_config.json or config.json)"
+
+
+def require_checkpoint(path: str | Path, flag: str = "--policy_ckpt") -> Path:
+    problem = checkpoint_problem(path, flag)
+    if problem:
+        raise StageError(problem)
+    return Path(path)
+
+
+def require_model_folder(path: str | Path) -> Path:
+    """model.path: a model folder with weights and a tokenizer."""
+    problem = checkpoint_problem(path, "model.path")
+    if problem is None and (Path(path) / "adapter_config.json").exists():
+        problem = f"model.path {path}: an adapter folder, not a base model"
+    if problem is None and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        problem = f"model.path {path}: no tokenizer ({', '.join(TOKENIZER_FILES)})"
+    if problem:
+        raise StageError(problem + ("" if Path(path).is_dir() else " (run download.sh, or check the path)"))
+    return Path(path)
+
+
+class _loading:
+    """Turns what transformers / peft raise on a broken folder into one line naming it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, (OSError, ValueError, KeyError, RuntimeError, TypeError)) \
+                and not issubclass(exc_type, StageError):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc_type.__name__
+            raise StageError(f"{self.path}: could not be loaded ({exc_type.__name__}: {first[:200]})") from None
+        return False
 
 
 def load_tokenizer(model_path: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_require_dir(model_path, "model folder"))
+    with _loading(model_path):
+        tokenizer = AutoTokenizer.from_pretrained(require_model_folder(model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
@@ -76,15 +152,20 @@ def load_model(model_path: str | Path, ckpt: str | Path | None = None, device: t
     from transformers import AutoModelForCausalLM
 
     device = device or torch.device("cpu")
+    if ckpt is not None:
+        require_checkpoint(ckpt, "checkpoint")
     if ckpt is not None and not is_adapter(ckpt):
-        model = AutoModelForCausalLM.from_pretrained(_require_dir(ckpt, "checkpoint"), dtype=dtype)
+        with _loading(ckpt):
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(_require_dir(model_path, "model folder"), dtype=dtype)
+        with _loading(model_path):
+            model = AutoModelForCausalLM.from_pretrained(require_model_folder(model_path), dtype=dtype)
         if ckpt is not None:
-            _require_dir(ckpt, "checkpoint")
             for adapter in base_adapters(ckpt):
-                model = PeftModel.from_pretrained(model, _require_dir(adapter, "base adapter")).merge_and_unload()
-            model = PeftModel.from_pretrained(model, ckpt, is_trainable=trainable)
+                with _loading(adapter):
+                    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            with _loading(ckpt):
+                model = PeftModel.from_pretrained(model, ckpt, is_trainable=trainable)
             if not trainable:  # inference only: merged LoRA weights skip the adapter's extra matmuls
                 model = model.merge_and_unload()
     model.to(device)
@@ -115,7 +196,8 @@ def merged_policy_base(config: dict, ckpt: str | Path | None, device: torch.devi
         return load_model(config["model"]["path"], ckpt, device, dtype), []
     adapters = base_adapters(ckpt) + [str(ckpt)]
     for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with _loading(adapter):
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model, adapters
 
 

@@ -93,19 +93,13 @@ class PPOSettings:
             raise ConfigError(f"unknown PPO key(s): {', '.join('algorithm.' + k for k in unknown)}")
         return cls(**{name: algo[name] for name in names})
 
-    def __post_init__(self):
-        for name in ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                     "ppo_epochs", "kl_horizon"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
+    def __post_init__(self):  # single values are checked with the config (utils.config.RULES); these relate two
         if self.rollout_batch_size % self.mini_batch_size:
             raise ConfigError(f"algorithm.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                               f"algorithm.mini_batch_size ({self.mini_batch_size})")
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ConfigError(f"algorithm.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                               f"algorithm.gradient_accumulation_steps ({self.gradient_accumulation_steps})")
-        if not 0 < self.lam <= 1 or not 0 < self.gamma <= 1:
-            raise ConfigError("algorithm.gamma and algorithm.lam must be in (0, 1]")
 
 
 # --- pure functions (tensors of shape (batch, response tokens), mask 1 = real token, 0 = padding) -------

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
+from utils.finqa_data import read_jsonl_lines
 from utils.runs import StageError
 
 EPS = 1e-9  # reward arithmetic is in floats: 1.0 - 0.8 is 0.19999999999999996, which meets a 0.2 margin
@@ -281,6 +282,45 @@ class PairingReport:
         out["pairs_by_tiers"] = dict(self.pairs_by_tiers.most_common())
         out["n_prompts_without_pairs"] = self.n_prompts - self.n_prompts_with_pairs
         return out
+
+
+def _messages_ok(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
+
+
+def read_candidates(path: Path) -> list[dict]:
+    """04's candidates.jsonl, each line checked: id, prompt messages, candidates (texts)."""
+    rows = []
+    for line_no, row in read_jsonl_lines(path):
+        if not isinstance(row.get("id"), str) or not row["id"]:
+            raise PreferenceError(f"{path}:{line_no}: no string 'id' (expected 04_generate_candidates.py's "
+                                  f"candidates.jsonl)")
+        if not _messages_ok(row.get("prompt")):
+            raise PreferenceError(f"{path}:{line_no}: entry {row['id']}: 'prompt' is not a list of chat messages")
+        if not isinstance(row.get("candidates"), list) or not all(isinstance(c, str) for c in row["candidates"]):
+            raise PreferenceError(f"{path}:{line_no}: entry {row['id']}: 'candidates' is not a list of texts")
+        rows.append(row)
+    return rows
+
+
+def read_scores(path: Path) -> list[dict]:
+    """04's scores.jsonl, each line checked: id, index, a numeric total and the tier criteria as booleans."""
+    scores = []
+    for line_no, score in read_jsonl_lines(path):
+        where = f"{path}:{line_no}"
+        if not isinstance(score.get("id"), str):
+            raise PreferenceError(f"{where}: no string 'id' (expected 04_generate_candidates.py's scores.jsonl)")
+        index, total = score.get("index"), score.get("total")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise PreferenceError(f"{where}: entry {score['id']}: 'index' is not a candidate number, got {index!r}")
+        if isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total):
+            raise PreferenceError(f"{where}: entry {score['id']}: 'total' is not a number, got {total!r}")
+        for criterion in TIER_CRITERIA:
+            if not isinstance(score.get(criterion, False), bool):
+                raise PreferenceError(f"{where}: entry {score['id']}: '{criterion}' is not true/false, "
+                                      f"got {score[criterion]!r}")
+        scores.append(score)
+    return scores
 
 
 def join_scores(candidates_rows: list[dict], scores: list[dict]) -> list[list[dict]]:

@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from utils.config import ConfigError
 from utils.finqa_program import execute_program, execution_match, program_steps, programs_equivalent, results_match
 
 ZERO_TOLERANCE = 1e-6  # absolute tolerance for numeric_match when exe_ans is 0 (relative makes no sense there)
@@ -73,11 +74,13 @@ class RewardWeights:
 
             path = Path(spec)
             if not path.is_file():
-                raise FileNotFoundError(f"reward spec not found: {path}")
+                raise ConfigError(f"reward spec not found: {path}")
             try:
-                spec = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as err:
-                raise ValueError(f"{path}: not valid YAML ({err})") from None
+                return cls.from_spec(yaml.safe_load(path.read_text(encoding="utf-8")))
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            except ValueError as err:
+                raise ConfigError(f"{path}: {err}") from None
         if not isinstance(spec, dict):
             raise ValueError(f"reward spec must be a mapping, got {type(spec).__name__}")
         for key in spec:

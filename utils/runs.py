@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -147,10 +148,21 @@ def is_completed(stage_dir: str | Path) -> bool:
     return bool(manifest) and manifest.get("status") == "completed"
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def plain_name(value: str, flag: str) -> str:
+    """Run ids and evaluation labels name one folder: letters, digits, '.', '_', '-', at most 100 characters,
+    starting with a letter or digit (so never '..', an absolute path or a hidden folder)."""
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value):
+        shown = value if not isinstance(value, str) or len(value) <= 60 else value[:60] + "..."
+        raise StageError(f"{flag} must be a plain name (letters, digits, '.', '_', '-'; at most 100 "
+                         f"characters), got {shown!r}")
+    return value
+
+
 def run_root(run_id: str, outputs_dir: str | Path = "outputs") -> Path:
-    if not run_id or "/" in run_id or run_id in (".", ".."):
-        raise StageError(f"--run_id must be a plain folder name, got '{run_id}'")
-    return Path(outputs_dir) / run_id
+    return Path(outputs_dir) / plain_name(run_id, "--run_id")
 
 
 def require_completed(stage_dir: str | Path, hint: str) -> dict:
@@ -209,19 +221,55 @@ class StageRun:
         write_json_atomic(self.dir / MANIFEST, self._manifest(status, error))
 
 
-def prepare_stage_dir(stage_dir: str | Path, overwrite: bool, keep_partial: bool = True) -> Path:
-    """Make a stage folder ready; a completed stage is never overwritten unless asked to.
+def previous_dir(stage_dir: Path) -> Path:
+    """Where a completed stage waits while a new run replaces it: a hidden sibling of its folder."""
+    return stage_dir.parent / f".{stage_dir.name}.previous"
 
-    A folder without a completed manifest is an unfinished stage: its contents are kept when keep_partial
-    (so a stage can resume from its checkpoints) and cleared otherwise.
+
+def is_stage_folder(folder: str | Path, stage: str) -> bool:
+    """Provably a folder this stage wrote: it holds a manifest.json of this project naming this stage."""
+    manifest = read_manifest(folder)
+    return isinstance(manifest, dict) and manifest.get("stage") == stage and "status" in manifest
+
+
+def _clear(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def prepare_stage_dir(stage_dir: str | Path, stage: str, overwrite: bool, keep_partial: bool = True) -> Path:
+    """Make a stage folder ready, by the one rule every stage follows: a stage only ever deletes or replaces a
+    folder that is provably its own (is_stage_folder) or empty; anything else is refused and left untouched.
+
+    - new or empty: used;
+    - this stage's, unfinished (running / failed): kept when keep_partial (so a stage can resume from its
+      checkpoints), cleared otherwise;
+    - this stage's, completed: refused without overwrite; with it, moved aside to previous_dir() until the new
+      run completes (stage_run deletes it then, or moves it back if the new run fails);
+    - anything else (the user's files, another stage's folder, the repository): refused.
     """
     stage_dir = Path(stage_dir)
-    if stage_dir.exists() and any(stage_dir.iterdir()):
-        if is_completed(stage_dir) and not overwrite:
-            raise StageError(f"{stage_dir} already holds a completed stage; pass --overwrite to replace it, "
-                             f"or choose another --run_id / --output_dir")
-        if overwrite or not keep_partial:
-            shutil.rmtree(stage_dir)
+    if stage_dir.is_symlink() or (stage_dir.exists() and not stage_dir.is_dir()):
+        raise StageError(f"{stage_dir} is not a folder a stage can write to (a file or a symbolic link)")
+    previous = previous_dir(stage_dir)
+    if previous.exists() and not is_stage_folder(previous, stage):
+        raise StageError(f"{previous} exists and is not a folder of {stage}; move it away first")
+    if stage_dir.is_dir() and any(stage_dir.iterdir()):
+        if not is_stage_folder(stage_dir, stage):
+            other = read_manifest(stage_dir)
+            what = f"the folder of another stage ({other.get('stage')})" if isinstance(other, dict) and \
+                other.get("stage") else f"not empty and holds no {MANIFEST} of {stage}"
+            raise StageError(f"{stage_dir} is {what}: a stage only replaces its own folder; choose a new or "
+                             f"empty --output_dir (nothing was changed)")
+        if is_completed(stage_dir):
+            if not overwrite:
+                raise StageError(f"{stage_dir} already holds a completed stage; pass --overwrite to replace it, "
+                                 f"or choose another --run_id / --output_dir")
+            if previous.exists():
+                shutil.rmtree(previous)  # an older result left by an interrupted replacement
+            os.replace(stage_dir, previous)
+        elif not keep_partial:
+            _clear(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     return stage_dir
 
@@ -231,8 +279,9 @@ class stage_run:
 
     def __init__(self, stage: str, stage_dir: str | Path, config: dict, seed: int, overwrite: bool = False,
                  keep_partial: bool = True):
-        self.run = StageRun(stage=stage, dir=prepare_stage_dir(stage_dir, overwrite, keep_partial),
+        self.run = StageRun(stage=stage, dir=prepare_stage_dir(stage_dir, stage, overwrite, keep_partial),
                             config=config, seed=seed)
+        self.previous = previous_dir(self.run.dir)
 
     def __enter__(self) -> StageRun:
         self.run.write("running")
@@ -249,8 +298,20 @@ class stage_run:
             self.run.write("completed")
         else:
             detail = "".join(traceback.format_exception_only(exc_type, exc)).strip()
-            logging.getLogger("finqa_rl").error("stage failed: %s", detail)
+            self._log_to_file(f"stage failed: {detail}")  # the terminal gets main_guard's one error: line
             self.run.write("failed", error=detail)
+        if self.previous.exists():
+            if exc is None:  # the new result is complete: the one it replaces can go
+                shutil.rmtree(self.previous)
+            else:  # the new run failed: the completed result it was to replace comes back
+                self._log_to_file(f"the earlier completed result in {self.run.dir} is kept")
+                logging.getLogger().removeHandler(self.log_handler)
+                self.log_handler.close()
+                shutil.rmtree(self.run.dir)
+                os.replace(self.previous, self.run.dir)
         logging.getLogger().removeHandler(self.log_handler)
         self.log_handler.close()
         return False
+
+    def _log_to_file(self, message: str) -> None:
+        self.log_handler.handle(logging.LogRecord("finqa_rl", logging.ERROR, __file__, 0, message, None, None))

@@ -6,9 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from utils.cli import ConfigFlag, upstream_dir
-from utils.config import ConfigError
 from utils.finqa_data import load_processed, read_jsonl
-from utils.models import is_adapter
+from utils.models import is_adapter, require_checkpoint
 from utils.reward import RewardCalculator, RewardWeights
 from utils.runs import StageError, is_completed
 
@@ -43,14 +42,11 @@ def reward_calculator(spec: Path | None) -> RewardCalculator:
 def sft_checkpoint(args, config: dict) -> Path:
     """--policy_ckpt, else this run's 03_sft/ckpt_sft/best."""
     if getattr(args, "policy_ckpt", None):
-        path = Path(args.policy_ckpt)
-        if not path.is_dir():
-            raise StageError(f"--policy_ckpt: folder not found: {path}")
-        return path
+        return require_checkpoint(args.policy_ckpt)
     folder = upstream_dir(args, config, "sft")
     if not is_completed(folder):
         raise StageError(f"{folder} is not a completed SFT stage (run 03_sft_train.py first, or pass --policy_ckpt)")
-    return folder / "ckpt_sft" / "best"
+    return require_checkpoint(folder / "ckpt_sft" / "best", "checkpoint")
 
 
 def sft_adapter(args, config: dict, method: str) -> Path:
@@ -63,7 +59,6 @@ def sft_adapter(args, config: dict, method: str) -> Path:
     return ckpt
 
 
-TRAIN_PROMPT_CHOICES = ("all", "mixed")
 TRAIN_PROMPT_FLAG = ConfigFlag("--train_prompts", "algorithm.train_prompts", str,
                                "all | mixed: only prompts whose SFT candidates (04) got different rewards")
 
@@ -78,9 +73,7 @@ def rl_train_rows(args, config: dict, run=None) -> list[dict]:
     rollout budget where the reward can teach something (an offline form of DAPO's dynamic sampling).
     `run` (a stage_run) records the files read as inputs."""
     algo = config["algorithm"]
-    mode = algo["train_prompts"]
-    if mode not in TRAIN_PROMPT_CHOICES:
-        raise ConfigError(f"algorithm.train_prompts must be one of {', '.join(TRAIN_PROMPT_CHOICES)}, got {mode!r}")
+    mode = algo["train_prompts"]  # all | mixed (utils.config.RULES)
     train_path = processed_split(config, "train")
     rows = load_processed(train_path)
     if run is not None:

@@ -13,8 +13,8 @@ from trl import SFTConfig, SFTTrainer
 from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, load_model, load_tokenizer, lora_config, model_dtype, \
-    save_adapter
+from utils.compute import precision
+from utils.models import configure_torch, count_parameters, load_model, load_tokenizer, lora_config, save_adapter
 from utils.runs import is_completed, stage_run, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
 from utils.training import trainer_arguments
@@ -59,7 +59,9 @@ def main() -> int:
         if spec:
             run.add_input("reward_spec", spec)
         tokenizer = load_tokenizer(config["model"]["path"])
-        model = load_model(config["model"]["path"], device=device, dtype=model_dtype(config, device))
+        compute = precision(config, device)
+        run.extra["precision"] = compute.record()
+        model = load_model(config["model"]["path"], device=device, dtype=compute.training_weights_dtype)
 
         ckpt_dir, trainer_dir = out_dir / "ckpt_sft", out_dir / "ckpt_sft" / "checkpoints"
         best_file = ckpt_dir / "best" / "val_summary.json"

@@ -11,7 +11,8 @@ import numpy as np
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import load_processed, write_jsonl
 from utils.generation import GenerationStats, generate, settings_from_config
-from utils.models import configure_torch, load_model, load_tokenizer, model_dtype
+from utils.compute import precision
+from utils.models import configure_torch, load_model, load_tokenizer
 from utils.runs import stage_run
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_checkpoint
 
@@ -45,7 +46,9 @@ def main() -> int:
             run.add_input("reward_spec", spec)
         calculator = reward_calculator(spec)
         tokenizer = load_tokenizer(config["model"]["path"])
-        model = load_model(config["model"]["path"], ckpt, device, model_dtype(config, device))
+        compute = precision(config, device)
+        run.extra["precision"] = compute.record()
+        model = load_model(config["model"]["path"], ckpt, device, compute.inference_dtype)
 
         stats = GenerationStats()
         k = settings["num_candidates"]

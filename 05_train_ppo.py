@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import load_processed
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, \
-    merged_policy_base, model_dtype, save_adapter
+from utils.compute import precision
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base, \
+    save_adapter
 from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, save_value_head
 from utils.runs import stage_run, write_json_atomic
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
@@ -69,12 +70,16 @@ def main() -> int:
         calculator = reward_calculator(spec)
         tokenizer = load_tokenizer(config["model"]["path"])
         device = accelerator.device
+        compute = precision(config, device)
+        if is_main:
+            run.extra["precision"] = compute.record()
         torch.manual_seed(args.seed)
-        base, adapters = merged_policy_base(config, ckpt, device, model_dtype(config, device))
+        base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
         policy = get_peft_model(base, lora_config(config))
         rollout_settings = settings_from_config(config, sampled=True, max_new_tokens=settings.max_new_tokens,
                                                 temperature=settings.temperature, top_p=settings.top_p)
-        trainer = PPOTrainer(policy, tokenizer, calculator, settings, rollout_settings, accelerator, args.seed)
+        trainer = PPOTrainer(policy, tokenizer, calculator, settings, rollout_settings, accelerator, args.seed,
+                             compute.torch_dtype)
         greedy = settings_from_config(config, sampled=False)
         next_batch = cycle_batches(train_rows, settings.rollout_batch_size, args.seed + accelerator.process_index)
 

@@ -21,8 +21,9 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
     upstream_dir
 from utils.finqa_data import hf_dataset, load_processed, read_jsonl
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, \
-    merged_policy_base, model_dtype, save_adapter
+from utils.compute import precision
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base, \
+    save_adapter
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
@@ -94,7 +95,9 @@ def main() -> int:
         if spec:
             run.add_input("reward_spec", spec)
         tokenizer = load_tokenizer(config["model"]["path"])
-        base, adapters = merged_policy_base(config, ckpt, device, model_dtype(config, device))
+        compute = precision(config, device)
+        run.extra["precision"] = compute.record()
+        base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
 
         ckpt_dir, val_dir = out_dir / "ckpt_dpo", out_dir / "val_generations"
 

@@ -13,7 +13,8 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
 from utils.finqa_data import load_processed, read_jsonl_lines, write_jsonl
 from utils.generation import GenerationStats, generate, settings_from_config
 from utils.metrics import aggregate, breakdown_frame, official_predictions, official_scores, score_items
-from utils.models import configure_torch, load_model, load_tokenizer, model_dtype, require_checkpoint
+from utils.compute import precision
+from utils.models import configure_torch, load_model, load_tokenizer, require_checkpoint
 from utils.runs import StageError, plain_name, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
 
@@ -91,7 +92,9 @@ def main() -> int:
             run.extra["checkpoint"] = str(ckpt) if ckpt else "base"
             device = configure_torch(config)
             tokenizer = load_tokenizer(config["model"]["path"])
-            model = load_model(config["model"]["path"], ckpt, device, model_dtype(config, device))
+            compute = precision(config, device)
+            run.extra["precision"] = compute.record()
+            model = load_model(config["model"]["path"], ckpt, device, compute.inference_dtype)
             stats = GenerationStats()
             generations = generate(model, tokenizer, [row["prompt"] for row in rows],
                                    settings_from_config(config, sampled=False), desc=f"evaluating {args.label}",

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from bench.machine import forward_flops, measure_machine, write_result  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.finqa_data import hf_dataset, load_processed  # noqa: E402
-from utils.models import configure_torch, load_model, load_tokenizer, lora_config, model_dtype  # noqa: E402
+from utils.compute import precision  # noqa: E402
+from utils.models import configure_torch, load_model, load_tokenizer, lora_config  # noqa: E402
 from utils.training import trainer_arguments  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def train_once(config: dict, rows: list[dict], packing: bool, seed: int, device,
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(config["model"]["path"])
-    model = load_model(config["model"]["path"], device=device, dtype=model_dtype(config, device))
+    model = load_model(config["model"]["path"], device=device, dtype=precision(config, device).training_weights_dtype)
     with tempfile.TemporaryDirectory() as out_dir:
         args = SFTConfig(**trainer_arguments(
             config, Path(out_dir), seed, device, output_dir=out_dir, num_train_epochs=1,

@@ -152,7 +152,6 @@ def render_config(*, name: str, path: str, hub_id: str | None, description: dict
         "training.learning_rate": s["learning_rate"],
         "training.max_seq_length": s["max_seq_length"],
         "training.gradient_checkpointing": s["gradient_checkpointing"],
-        "training.bf16": s["bf16"],
         "generation.batch_size": s["gen_batch_size"],
         "generation.max_new_tokens": s["max_new_tokens"],
     }

@@ -177,7 +177,7 @@ SPLITS = ("train", "val", "test")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 RULES = {
-    "model.dtype": one_of("float32", "bfloat16", "float16"),
+    "model.dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "model.torch_threads": number(0, integer=True),
     "lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": number(0, 1, high_open=True),
     "data.context_mode": one_of("gold", "full", "retrieved"),

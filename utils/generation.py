@@ -37,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from utils.compute import precision
 from utils.prompts import render_prompt
 
 
@@ -50,6 +51,7 @@ class GenerationSettings:
     num_return_sequences: int = 1
     stop_at_json_end: bool = True
     lookup_draft_tokens: int = 0  # greedy only: tokens guessed per step by prompt lookup and verified in one pass
+    compute_dtype: str = "float32"  # a float32 model runs under autocast to this (utils.compute)
 
 
 @dataclass
@@ -473,7 +475,9 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     if seed is not None:
         torch.manual_seed(seed)
     stats = stats if stats is not None else GenerationStats()
-    with _generating(model):
+    compute = getattr(torch, settings.compute_dtype)
+    mixed = compute != torch.float32 and next(model.parameters()).dtype == torch.float32
+    with _generating(model), torch.autocast(device.type, dtype=compute, enabled=mixed):
         started = time.time()
         prefix_length = shared_prefix_length(encoded)
         prefix = _run_prefix(model, encoded[0][:prefix_length] if encoded else [], device)
@@ -525,7 +529,8 @@ def settings_from_config(config: dict, sampled: bool, **overrides) -> Generation
     gen = config["generation"]
     settings = GenerationSettings(max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"],
                                   do_sample=sampled, temperature=gen["temperature"] if sampled else 1.0,
-                                  top_p=gen["top_p"] if sampled else 1.0, lookup_draft_tokens=gen["lookup_draft_tokens"])
+                                  top_p=gen["top_p"] if sampled else 1.0, lookup_draft_tokens=gen["lookup_draft_tokens"],
+                                  compute_dtype=precision(config).dtype)
     for key, value in overrides.items():
         if value is not None:
             setattr(settings, key, value)

@@ -104,21 +104,21 @@ def suggest_settings(n_params: int, max_positions: int | None = None) -> dict:
     bigger models are meant for a GPU (bfloat16 above 1B, smaller batches and learning rates as they grow)."""
     b = n_params / 1e9
     if b <= 0.3:
-        s = dict(dtype="float32", torch_threads=2, batch_size=4, gradient_accumulation_steps=2,
-                 learning_rate=2.0e-4, max_prompt_tokens=640, max_seq_length=768, gradient_checkpointing=False,
-                 bf16=False, gen_batch_size=16)
+        s = dict(dtype="auto", torch_threads=2, batch_size=4, gradient_accumulation_steps=2,
+                 learning_rate=2.0e-4, max_prompt_tokens=640, max_seq_length=768,
+                 gradient_checkpointing=False, gen_batch_size=16)
     elif b <= 1.0:
-        s = dict(dtype="float32", torch_threads=0, batch_size=8, gradient_accumulation_steps=2,
-                 learning_rate=1.0e-4, max_prompt_tokens=1024, max_seq_length=1152, gradient_checkpointing=False,
-                 bf16=False, gen_batch_size=32)
+        s = dict(dtype="auto", torch_threads=0, batch_size=8, gradient_accumulation_steps=2,
+                 learning_rate=1.0e-4, max_prompt_tokens=1024, max_seq_length=1152,
+                 gradient_checkpointing=False, gen_batch_size=32)
     elif b <= 4.0:
-        s = dict(dtype="bfloat16", torch_threads=0, batch_size=8, gradient_accumulation_steps=2,
-                 learning_rate=1.0e-4, max_prompt_tokens=1024, max_seq_length=1152, gradient_checkpointing=False,
-                 bf16=True, gen_batch_size=32)
+        s = dict(dtype="auto", torch_threads=0, batch_size=8, gradient_accumulation_steps=2,
+                 learning_rate=1.0e-4, max_prompt_tokens=1024, max_seq_length=1152,
+                 gradient_checkpointing=False, gen_batch_size=32)
     else:
-        s = dict(dtype="bfloat16", torch_threads=0, batch_size=2, gradient_accumulation_steps=8,
-                 learning_rate=5.0e-5, max_prompt_tokens=1024, max_seq_length=1152, gradient_checkpointing=True,
-                 bf16=True, gen_batch_size=16)
+        s = dict(dtype="auto", torch_threads=0, batch_size=2, gradient_accumulation_steps=8,
+                 learning_rate=5.0e-5, max_prompt_tokens=1024, max_seq_length=1152,
+                 gradient_checkpointing=True, gen_batch_size=16)
     s.update(lora_r=16, lora_alpha=32, lora_dropout=0.05, max_new_tokens=96)
     if max_positions:  # leave room for the answer inside the context window
         s["max_seq_length"] = min(s["max_seq_length"], int(max_positions))

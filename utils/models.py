@@ -27,17 +27,6 @@ def configure_torch(config: dict) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def model_dtype(config: dict, device: torch.device) -> torch.dtype:
-    name = config["model"]["dtype"]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
-    if dtype is None:
-        raise StageError(f"model.dtype must be float32, bfloat16 or float16, got '{name}'")
-    if device.type == "cpu" and dtype != torch.float32:
-        log.warning("model.dtype %s on a CPU is very slow; using float32", name)
-        return torch.float32
-    return dtype
-
-
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -158,8 +147,10 @@ def load_model(model_path: str | Path, ckpt: str | Path | None = None, device: t
         with _loading(ckpt):
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
     else:
+        # adapters merged for inference are merged in float32, then the model is cast (bf16 would round them)
+        load_dtype = torch.float32 if ckpt is not None and not trainable else dtype
         with _loading(model_path):
-            model = AutoModelForCausalLM.from_pretrained(require_model_folder(model_path), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(require_model_folder(model_path), dtype=load_dtype)
         if ckpt is not None:
             for adapter in base_adapters(ckpt):
                 with _loading(adapter):
@@ -167,7 +158,7 @@ def load_model(model_path: str | Path, ckpt: str | Path | None = None, device: t
             with _loading(ckpt):
                 model = PeftModel.from_pretrained(model, ckpt, is_trainable=trainable)
             if not trainable:  # inference only: merged LoRA weights skip the adapter's extra matmuls
-                model = model.merge_and_unload()
+                model = model.merge_and_unload().to(dtype)
     model.to(device)
     if not trainable:
         model.eval()

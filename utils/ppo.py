@@ -253,10 +253,11 @@ class ValueHead(nn.Module):
 class PolicyWithValue(nn.Module):
     """The peft policy and its value head; forward gives the logits and values at the response positions."""
 
-    def __init__(self, policy, value_head_dropout: float = 0.1):
+    def __init__(self, policy, value_head_dropout: float = 0.1, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.policy = policy
         self.value_head = ValueHead(policy.config.get_text_config().hidden_size, value_head_dropout)
+        self.compute_dtype = compute_dtype  # the policy runs under autocast to it; the value head in float32
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 n_response: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,10 +265,12 @@ class PolicyWithValue(nn.Module):
         columns. Returns logits (b, n_response, vocab) predicting each response token and values (b,
         n_response) of the states before it (both from position t - 1, as a causal LM predicts token t)."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          logits_to_keep=n_response + 1, output_hidden_states=True, use_cache=False)
+        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              logits_to_keep=n_response + 1, output_hidden_states=True, use_cache=False)
         logits = out.logits[:, :-1].float()
-        values = self.value_head(out.hidden_states[-1][:, -(n_response + 1):-1])
+        values = self.value_head(out.hidden_states[-1][:, -(n_response + 1):-1].float())
         return logits, values
 
     def train_mode(self) -> None:
@@ -327,14 +330,14 @@ class PPOTrainer:
     with the tokenizer's chat template) or any dicts the calculator understands, with a "prompt"."""
 
     def __init__(self, policy, tokenizer, calculator, settings: PPOSettings, generation: GenerationSettings,
-                 accelerator=None, seed: int = 0):
+                 accelerator=None, seed: int = 0, compute_dtype: torch.dtype = torch.float32):
         from accelerate import Accelerator
 
         self.tokenizer, self.calculator, self.settings, self.seed = tokenizer, calculator, settings, seed
         self.generation = generation
         self.temperature = generation.temperature if generation.do_sample else 1.0
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        model = PolicyWithValue(policy, settings.value_head_dropout)
+        model = PolicyWithValue(policy, settings.value_head_dropout, compute_dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, eps=1e-5, weight_decay=0.0)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)

@@ -42,8 +42,9 @@ from transformers import TrainerCallback
 from utils.cli import ConfigFlag, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, \
-    merged_policy_base, model_dtype, save_adapter
+from utils.compute import precision
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base, \
+    save_adapter
 from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import stage_run, write_json_atomic
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
@@ -309,6 +310,15 @@ def trl_arguments(method: RLMethod, config: dict, out_dir: Path, seed: int, devi
     )
 
 
+def with_autocast(function, compute):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with compute.autocast():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def make_trainer(method: RLMethod, model, tokenizer, train_dataset, reward_funcs: list, arguments: dict,
                  callbacks: list = (), peft_config=None):
     import trl
@@ -367,7 +377,9 @@ def run_stage(method: RLMethod, description: str) -> int:
             run.add_input("reward_spec", spec)
         calculator = reward_calculator(spec)
         tokenizer = load_tokenizer(config["model"]["path"])
-        base, adapters = merged_policy_base(config, ckpt, device, model_dtype(config, device))
+        compute = precision(config, device)
+        run.extra["precision"] = compute.record()
+        base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
 
         ckpt_dir, val_dir = out_dir / f"ckpt_{method.name}", out_dir / "val_generations"
         log_path = out_dir / "logs" / "training_log.json"
@@ -384,7 +396,8 @@ def run_stage(method: RLMethod, description: str) -> int:
                                [timer.timed(function, "reward") for function in recorder.functions],
                                trl_arguments(method, config, out_dir, args.seed, device),
                                [timer, JsonLogCallback(log_path), validation], lora_config(config))
-        trainer._generate = timer.timed(trainer._generate, "generation")
+        # trl's own generation is plain `generate` outside autocast: run it in the stage's precision too
+        trainer._generate = timer.timed(with_autocast(trainer._generate, compute), "generation")
 
         validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
         result = trainer.train()

@@ -1,7 +1,8 @@
 """Settings every trl trainer of the project shares (SFT, GRPO, RLOO, DPO).
 
-trl's configs default to bf16 and gradient checkpointing; both come from the model config instead (off on a
-CPU, where bf16 matmuls are very slow and memory is not the limit).
+trl's configs default to bf16 and gradient checkpointing; both come from the model config instead: bf16 (autocast,
+float32 master weights and optimizer state) where utils.compute chose bfloat16 for the device, on a CPU too, and
+gradient checkpointing from training.gradient_checkpointing.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from utils.compute import precision
 
 
 def trainer_arguments(config: dict, out_dir: Path, seed: int, device: torch.device, tensorboard: bool = False,
@@ -23,7 +26,8 @@ def trainer_arguments(config: dict, out_dir: Path, seed: int, device: torch.devi
         "per_device_train_batch_size": training["batch_size"],
         "gradient_accumulation_steps": training["gradient_accumulation_steps"],
         "learning_rate": training["learning_rate"],
-        "bf16": training["bf16"] and not on_cpu,
+        "bf16": precision(config, device).dtype == "bfloat16",
+        "fp16": precision(config, device).dtype == "float16",
         "gradient_checkpointing": training["gradient_checkpointing"],
         "report_to": ["tensorboard"] if tensorboard else [],
         "seed": seed,

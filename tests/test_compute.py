@@ -1,0 +1,83 @@
+"""Issue 18: `model.dtype: auto` (bf16 only where the device runs it natively and measurably fast), bf16 training
+steps that keep the trainable parameters in float32, and the precision in every model stage's manifest."""
+import torch
+
+from utils import compute
+from utils.compute import choose_precision
+from utils.runs import read_manifest
+
+CPU = torch.device("cpu")
+
+
+def probe(speedup: float) -> dict:
+    return {"torch_threads": 2, "min_speedup": speedup,
+            "shapes": [{"shape": [64, 576, 1536], "fp32_gflops": 100.0, "bf16_gflops": 100.0 * speedup,
+                        "speedup": speedup}]}
+
+
+def fresh_choice(monkeypatch, flags, speedup):
+    compute._cpu_choice.cache_clear()
+    monkeypatch.setattr(compute, "cpu_bf16_flags", lambda: flags)
+    monkeypatch.setattr(compute, "probe_cpu_matmul", lambda: probe(speedup))
+    try:
+        return choose_precision("auto", CPU)
+    finally:
+        compute._cpu_choice.cache_clear()
+
+
+def test_auto_picks_bf16_only_when_native_and_measured_fast(monkeypatch):
+    fast = fresh_choice(monkeypatch, ["amx_bf16"], 3.7)
+    assert fast.dtype == "bfloat16" and fast.probe["min_speedup"] == 3.7 and "amx_bf16" in fast.reason
+    slow = fresh_choice(monkeypatch, ["avx512_bf16"], 1.1)  # listed, but the probe says it does not pay
+    assert slow.dtype == "float32" and "1.1x" in slow.reason
+    monkeypatch.setattr(compute, "probe_cpu_matmul", lambda: (_ for _ in ()).throw(AssertionError("probed")))
+    compute._cpu_choice.cache_clear()
+    monkeypatch.setattr(compute, "cpu_bf16_flags", lambda: [])
+    none = choose_precision("auto", CPU)  # an AVX2-only CPU is never probed (bf16 is emulated there)
+    compute._cpu_choice.cache_clear()
+    assert none.dtype == "float32" and "no native bf16" in none.reason and none.probe is None
+
+
+def test_explicit_dtypes_force_it():
+    assert choose_precision("float32", CPU).dtype == "float32"
+    forced = choose_precision("bfloat16", CPU)
+    assert forced.dtype == "bfloat16" and forced.torch_dtype == torch.bfloat16 and "set in the config" in forced.reason
+    assert choose_precision("float16", CPU).dtype == "float32"  # no fast float16 on a CPU
+    # training keeps float32 weights on a CPU (autocast), inference runs in the compute dtype
+    assert forced.training_weights_dtype == torch.float32 and forced.inference_dtype == torch.bfloat16
+
+
+def test_bf16_training_step_changes_the_adapter_and_keeps_fp32_state(tiny_model_dir):
+    from peft import get_peft_model
+
+    from utils.config import load_config
+    from utils.models import load_model, lora_config
+
+    config = load_config("configs/models/smollm2-135m.yaml")
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_dir, dtype=torch.float32, trainable=True), lora_config(config))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    # LoRA B starts at zero: give it a value so both factors receive gradients
+    for name, p in trainable.items():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with choose_precision("bfloat16", CPU).autocast():
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16  # the matmuls ran in bf16
+    out.loss.backward()
+    optimizer.step()
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32  # the loss reduction in float32
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(state["exp_avg"].dtype == torch.float32 for state in optimizer.state.values())
+    assert any(not torch.equal(before[name], p) for name, p in trainable.items())
+
+
+def test_model_stages_record_their_precision(run_stage):
+    assert run_stage("01_prepare_dataset.py") == 0
+    assert run_stage("10_evaluate.py", "--base", "--quick_test", "--set", "model.dtype=bfloat16") == 0
+    record = read_manifest(run_stage.stage_dir("10_evaluation") / "base")["precision"]
+    assert record == {"dtype": "bfloat16", "requested": "bfloat16", "device": "cpu",
+                      "reason": "model.dtype bfloat16 (set in the config)", "probe": None}

@@ -1,11 +1,13 @@
 """Benchmark: generation throughput (the 04/10 path) against the plain ways and against the machine's limit.
 
-Four ways to greedy-decode the same prompts with the same model and stop rules, in this one process:
+Ways to greedy-decode the same prompts with the same model and stop rules, in this one process, all in one dtype
+(--dtype; default: what model.dtype auto picks on this machine):
   project        utils.generation.generate: shared-prefix KV cache, length-chunked prefill, a preallocated KV
                  cache, a decode loop that drops finished rows and checks prompt-lookup guesses
   project_without_lookup  the same with generation.lookup_draft_tokens 0 (one token per row per step)
   hf_batched     transformers' model.generate on batches (left padding, prompts sorted by length)
   one_at_a_time  transformers' model.generate on each prompt alone (the plain loop)
+  project_fp32   (when the dtype is not float32) the project path on the float32 model: the path before bf16
 and the machine's limit: the measured matmul FLOP/s and memory bandwidth, turned into a tokens/s ceiling for this
 model and these prompts (all FLOPs at peak; and, for decoding one prompt at a time, reading the weights once per
 token). Ratios within one run are the result; absolute figures are this machine's. With --repeats N every path
@@ -30,7 +32,8 @@ import utils  # noqa: E402,F401  (first: sets the threading environment before t
 import torch  # noqa: E402
 from transformers import StoppingCriteriaList  # noqa: E402
 
-from bench.machine import forward_flops, measure_machine, weight_bytes, write_result  # noqa: E402
+from bench.machine import forward_flops, measure_machine, peak_gflops, weight_bytes, write_result  # noqa: E402
+from utils.compute import precision  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.finqa_data import load_processed  # noqa: E402
 from utils.generation import (GenerationSettings, GenerationStats, JsonEndCriteria, generate,  # noqa: E402
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--skip_hf_batched", action="store_true", help="leave out transformers' batched generate")
     parser.add_argument("--repeats", type=int, default=1, help="measure every path this many times, in turn; "
                         "the figures are the medians")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="dtype of every path (default: model.dtype auto's choice on this machine)")
     parser.add_argument("--output", default="bench/results/generation.json")
     args = parser.parse_args()
 
@@ -89,20 +94,25 @@ def main() -> None:
     data = args.data or str(Path(config["data"]["processed_dir"]) / "val.jsonl")
     rows = load_processed(data, args.n_prompts)
     tokenizer = load_tokenizer(config["model"]["path"])
-    model = load_model(config["model"]["path"], args.policy_ckpt, device)
+    dtype_name = args.dtype or precision(config, device).dtype
+    dtype = getattr(torch, dtype_name)
+    model_fp32 = load_model(config["model"]["path"], args.policy_ckpt, device)
+    model = model_fp32 if dtype == torch.float32 else load_model(config["model"]["path"], args.policy_ckpt, device,
+                                                                 dtype)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens or config["generation"]["max_new_tokens"],
                                   batch_size=args.batch_size or config["generation"]["batch_size"],
-                                  lookup_draft_tokens=config["generation"]["lookup_draft_tokens"])
+                                  lookup_draft_tokens=config["generation"]["lookup_draft_tokens"],
+                                  compute_dtype=dtype_name)
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
-    machine = measure_machine()
-    peak = machine["matmul_gflops"]
+    machine = measure_machine(bf16=dtype == torch.bfloat16)
+    peak = peak_gflops(machine, dtype)
 
     # warm-up at full size, so that first-use costs (allocations, kernel choices) fall outside the timed pass
     generate(model, tokenizer, prompts[:settings.batch_size], settings, show_progress=False)
 
-    def project_path(path_settings: GenerationSettings, desc: str):
+    def project_path(path_settings: GenerationSettings, desc: str, path_model=model):
         stats = GenerationStats()
-        generations = generate(model, tokenizer, prompts, path_settings, stats=stats, desc=desc)
+        generations = generate(path_model, tokenizer, prompts, path_settings, stats=stats, desc=desc)
         return stats.seconds, stats.n_generated_tokens, stats, generations
 
     paths = {"project": lambda: project_path(settings, "project")}
@@ -113,6 +123,11 @@ def main() -> None:
         paths["hf_batched"] = lambda: hf_generate(model, tokenizer, prompts, settings.max_new_tokens,
                                                   settings.batch_size)
     paths["one_at_a_time"] = lambda: hf_generate(model, tokenizer, prompts, settings.max_new_tokens, 1)
+    if dtype != torch.float32:
+        generate(model_fp32, tokenizer, prompts[:settings.batch_size], replace(settings, compute_dtype="float32"),
+                 show_progress=False)  # its own warm-up
+        paths["project_fp32"] = lambda: project_path(replace(settings, compute_dtype="float32"), "project, fp32",
+                                                     model_fp32)
     # Repeats run every path in turn, so that each repeat's ratios compare paths measured within minutes of each
     # other; this CPU's speed drifts by up to ~20% over longer spans. The result is the median over repeats.
     runs: dict[str, list] = {name: [] for name in paths}
@@ -131,7 +146,7 @@ def main() -> None:
     def figures(name: str) -> dict:
         seconds = statistics.median(run[0] for run in runs[name])
         tokens = runs[name][0][1]
-        if any(run[1] != tokens for run in runs[name]):
+        if any(run[1] != tokens for run in runs[name]) and name != "project_fp32":
             raise SystemExit(f"{name}: generated token counts differ between repeats (greedy decoding should not)")
         result = _figures(seconds, tokens, len(prompts), useful_flops, peak)
         result["seconds_per_repeat"] = [round(run[0], 2) for run in runs[name]]
@@ -143,6 +158,7 @@ def main() -> None:
         return result
 
     result = {"benchmark": "generation", "model": config["model"]["name"], "checkpoint": args.policy_ckpt,
+              "dtype": dtype_name,
               "n_prompts": len(prompts), "batch_size": settings.batch_size,
               "lookup_draft_tokens": settings.lookup_draft_tokens,
               "max_new_tokens": settings.max_new_tokens, "mean_prompt_tokens": round(sum(prompt_lengths) / len(prompts), 1),
@@ -162,6 +178,12 @@ def main() -> None:
     per_repeat = [round(slow[0] / fast[0], 2) for fast, slow in zip(runs["project"], runs["one_at_a_time"])]
     result["speedup_vs_one_at_a_time"] = {"median": round(statistics.median(per_repeat), 2),
                                           "per_repeat": per_repeat}
+    if "project_fp32" in result:
+        result["speedup_vs_project_fp32"] = round(statistics.median(
+            slow[0] / fast[0] for fast, slow in zip(runs["project"], runs["project_fp32"])), 2)
+        fp32_texts = [group[0].text for group in runs["project_fp32"][0][3]]
+        result["same_answer_as_fp32"] = round(sum(a == b for a, b in zip(fp32_texts, [g[0].text for g in generations]))
+                                              / len(prompts), 3)
     if "hf_batched" in result:
         result["speedup_vs_hf_batched"] = round(statistics.median(
             slow[0] / fast[0] for fast, slow in zip(runs["project"], runs["hf_batched"])), 2)

@@ -1,14 +1,17 @@
-"""Benchmark: SFT throughput (the 03 path) with padded batches against packed, padding-free batches.
+"""Benchmark: SFT throughput (the 03 path) in float32 and in bf16, and optionally with packed batches.
 
 The same train examples, the same model, LoRA and learning rate, one epoch each way, in this one process:
-  padded   trl's SFTTrainer as 03 runs it: batches of training.batch_size examples padded to the longest
-  packed   SFTConfig(packing=True): examples packed best-fit-decreasing into rows of max_seq_length tokens, no
-           padding (transformers keeps packed examples from attending to each other via their position ids)
+  before   (--before KEY=VALUE ...) fp32 with the settings 03 ran with before a change, e.g. lora.dropout=0.05
+  fp32     trl's SFTTrainer as 03 runs it on a CPU without native bf16: batches of training.batch_size examples
+           padded to the longest, float32 throughout
+  bf16     the same with model.dtype bfloat16: bf16 autocast, float32 LoRA parameters, optimizer and loss
+  packed   (--packing) bf16 with SFTConfig(packing=True): examples packed best-fit-decreasing into rows of
+           max_seq_length tokens, no padding
 Trained tokens/s counts real tokens only. Model FLOPs utilisation = (forward + backward-through-activations
 FLOPs, i.e. 2x the forward pass: LoRA leaves the frozen weights without gradients) / seconds / the measured
-matmul peak.
+matmul peak of the dtype the work ran in (and, for bf16, also of fp32).
 
-    python bench/bench_sft.py --n_examples 32
+    python bench/bench_sft.py --n_examples 16 --before lora.dropout=0.05
 
 Writes bench/results/sft.json (or --output).
 """
@@ -25,17 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402,F401  (first: sets the threading environment before torch loads)
 import torch  # noqa: E402
 
-from bench.machine import forward_flops, measure_machine, write_result  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from bench.machine import forward_flops, measure_machine, peak_gflops, write_result  # noqa: E402
+from utils.config import apply_overrides, load_config  # noqa: E402
 from utils.finqa_data import hf_dataset, load_processed  # noqa: E402
 from utils.compute import precision  # noqa: E402
 from utils.models import configure_torch, load_model, load_tokenizer, lora_config  # noqa: E402
 from utils.training import trainer_arguments  # noqa: E402
 
 
-def train_once(config: dict, rows: list[dict], packing: bool, seed: int, device, peak_gflops: float) -> dict:
+def train_once(config: dict, rows: list[dict], packing: bool, seed: int, device, machine: dict,
+               dtype: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
+    config = {**config, "model": {**config["model"], "dtype": dtype}}
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(config["model"]["path"])
     model = load_model(config["model"]["path"], device=device, dtype=precision(config, device).training_weights_dtype)
@@ -61,11 +66,14 @@ def train_once(config: dict, rows: list[dict], packing: bool, seed: int, device,
                             for i in range(0, len(lengths), batch))
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     flops = sum(2 * forward_flops(trainer.model.get_base_model(), n, n / 2) for n in example_lengths)
-    return {"seconds": round(seconds, 2), "optimizer_steps": trainer.state.global_step, "rows": len(lengths),
-            "real_tokens": tokens, "tokens_in_batches": padded_tokens,
+    peak = peak_gflops(machine, getattr(torch, dtype))
+    return {"dtype": dtype, "seconds": round(seconds, 2), "optimizer_steps": trainer.state.global_step,
+            "rows": len(lengths), "real_tokens": tokens, "tokens_in_batches": padded_tokens,
             "padding_fraction": round(1 - tokens / padded_tokens, 3),
             "trained_tokens_per_second": round(tokens / seconds, 1),
-            "model_flops_utilisation": round(flops / seconds / (peak_gflops * 1e9), 3),
+            "achieved_gflops": round(flops / seconds / 1e9, 1),
+            "model_flops_utilisation": round(flops / seconds / (peak * 1e9), 3),
+            "utilisation_of_fp32_peak": round(flops / seconds / (machine["matmul_gflops"] * 1e9), 3),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
@@ -75,6 +83,9 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="processed jsonl (default: <processed_dir>/train.jsonl)")
     parser.add_argument("--n_examples", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--packing", action="store_true", help="also train bf16 with packed, padding-free batches")
+    parser.add_argument("--before", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="also train fp32 with these config overrides: the settings of before a change")
     parser.add_argument("--output", default="bench/results/sft.json")
     args = parser.parse_args()
 
@@ -82,13 +93,23 @@ def main() -> None:
     device = configure_torch(config)
     rows = load_processed(args.data or str(Path(config["data"]["processed_dir"]) / "train.jsonl"), args.n_examples)
     machine = measure_machine()
-    padded = train_once(config, rows, False, args.seed, device, machine["matmul_gflops"])
-    packed = train_once(config, rows, True, args.seed, device, machine["matmul_gflops"])
+    runs = {}
+    if args.before:
+        before = apply_overrides(config, args.before)
+        runs["before"] = {"overrides": args.before,
+                          **train_once(before, rows, False, args.seed, device, machine, "float32")}
+    runs |= {"fp32": train_once(config, rows, False, args.seed, device, machine, "float32"),
+            "bf16": train_once(config, rows, False, args.seed, device, machine, "bfloat16")}
+    if args.packing:
+        runs["bf16_packed"] = train_once(config, rows, True, args.seed, device, machine, "bfloat16")
     write_result(args.output, {
         "benchmark": "sft", "model": config["model"]["name"], "n_examples": len(rows),
         "batch_size": config["training"]["batch_size"], "max_seq_length": config["training"]["max_seq_length"],
-        "device": str(device), "machine_limits": machine, "padded": padded, "packed": packed,
-        "speedup_packed_vs_padded": round(packed["trained_tokens_per_second"] / padded["trained_tokens_per_second"], 2),
+        "device": str(device), "machine_limits": machine, **runs,
+        "speedup_bf16_vs_fp32": round(runs["bf16"]["trained_tokens_per_second"]
+                                      / runs["fp32"]["trained_tokens_per_second"], 2),
+        **({"speedup_bf16_vs_before": round(runs["bf16"]["trained_tokens_per_second"]
+                                            / runs["before"]["trained_tokens_per_second"], 2)} if args.before else {}),
     })
 
 

@@ -26,17 +26,36 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure_machine(size: int = 2048, bandwidth_mb: int = 512) -> dict:
-    """Peak fp32 matmul FLOP/s (a square matmul, the best case for the BLAS) and memory bandwidth (a copy
-    much larger than the caches; read + write bytes), with torch's current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    matmul = _best_seconds(lambda: a @ b, 5)
+MODEL_SHAPES = {"prefill (512 x 576 x 1536)": (512, 576, 1536), "decode (64 x 576 x 1536)": (64, 576, 1536),
+                "decode (16 x 576 x 1536)": (16, 576, 1536), "output head (512 x 576 x 49152)": (512, 576, 49152)}
+
+
+def _matmul_gflops(rows: int, inner: int, outer: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, outer, dtype=dtype)
+    return round(2 * rows * inner * outer / _best_seconds(lambda: a @ b, repeats) / 1e9, 1)
+
+
+def measure_machine(size: int = 2048, bandwidth_mb: int = 512, bf16: bool = True) -> dict:
+    """Peak matmul FLOP/s in fp32 and bf16 (a square matmul, the best case for the BLAS, and the shapes
+    SmolLM2-135M's layers use: the limit each part of the work can reach), and memory bandwidth (a copy much larger
+    than the caches; read + write bytes), with torch's current thread count. bf16=False leaves bf16 out (on a CPU
+    without native bf16 it is emulated, hundreds of times slower)."""
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if bf16 else {})}
     source = torch.empty(bandwidth_mb * 2**20 // 4)
     dest = torch.empty_like(source)
     copy = _best_seconds(lambda: dest.copy_(source), 5)
-    return {"matmul_gflops": round(2 * size**3 / matmul / 1e9, 1),
-            "memory_gb_per_s": round(2 * source.numel() * 4 / copy / 1e9, 1),
-            "torch_threads": torch.get_num_threads()}
+    result = {"matmul_gflops": _matmul_gflops(size, size, size, torch.float32),
+              "bf16_matmul_gflops": _matmul_gflops(size, size, size, torch.bfloat16) if bf16 else None,
+              "memory_gb_per_s": round(2 * source.numel() * 4 / copy / 1e9, 1),
+              "torch_threads": torch.get_num_threads(),
+              "shapes": {name: {label: _matmul_gflops(*shape, dtype) for label, dtype in dtypes.items()}
+                         for name, shape in MODEL_SHAPES.items()}}
+    return result
+
+
+def peak_gflops(machine: dict, dtype: torch.dtype) -> float:
+    """The square-matmul peak of a dtype (bf16's where the work ran in bf16)."""
+    return machine["bf16_matmul_gflops"] if dtype == torch.bfloat16 else machine["matmul_gflops"]
 
 
 def linear_parameters(model) -> tuple[int, int]:
@@ -68,3 +87,13 @@ def write_result(path: str | Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":  # python bench/machine.py: this machine's limits -> bench/results/machine.json
+    sys.path.insert(0, str(REPO_ROOT))
+    from utils.compute import cpu_bf16_flags
+
+    torch.set_num_threads(2)
+    flags = cpu_bf16_flags()
+    write_result(REPO_ROOT / "bench" / "results" / "machine.json",
+                 {"benchmark": "machine", "cpu_bf16_flags": flags, **measure_machine(bf16=bool(flags))})

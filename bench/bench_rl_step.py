@@ -1,0 +1,67 @@
+"""Benchmark: seconds per RL step (generation / reward / training) for PPO, GRPO and RLOO, float32 against bf16.
+
+Each method runs as its own stage (05, 06, 07) from the same SFT checkpoint with its --quick_test budget (the
+three spend the same: 4 completions of at most 48 tokens per step) and --steps N, once with model.dtype float32
+and once with bfloat16, one after the other in turn; the figures are the mean over steps 2..N of each stage's
+logs/training_log.json (time_generation_s, time_reward_s, time_training_s; the first step carries warm-up costs).
+Runs go to outputs/bench_rl/<dtype>/<method> (replaced on the next run of this script).
+
+    python bench/bench_rl_step.py --policy_ckpt outputs/run_001/03_sft/ckpt_sft/best --steps 4
+
+Writes bench/results/rl_step.json (or --output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import REPO_ROOT, write_result  # noqa: E402
+
+SCRIPTS = {"ppo": "05_train_ppo.py", "grpo": "06_train_grpo.py", "rloo": "07_train_rloo.py"}
+PARTS = ("generation", "reward", "training", "step")
+DTYPES = ("float32", "bfloat16")
+
+
+def run_method(method: str, dtype: str, steps: int, policy_ckpt: str, extra: list[str]) -> dict:
+    out_dir = REPO_ROOT / "outputs" / "bench_rl" / dtype / method
+    command = [sys.executable, SCRIPTS[method], "--quick_test", "--steps", str(steps), "--policy_ckpt", policy_ckpt,
+               "--output_dir", str(out_dir), "--overwrite", "--set", f"model.dtype={dtype}", *extra]
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    log = json.loads((out_dir / "logs" / "training_log.json").read_text())
+    records = [r for r in log if "time_step_s" in r][1:]  # the first step carries the warm-up
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    return {"steps_measured": len(records),
+            "completions_per_step": manifest["metrics"].get("completions_per_step"),
+            "precision": manifest["precision"]["dtype"],
+            "mean_seconds": {part: round(statistics.mean(r[f"time_{part}_s"] for r in records), 2) for part in PARTS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy_ckpt", required=True, help="the SFT LoRA checkpoint every method starts from")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--methods", default="ppo,grpo,rloo")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every stage (e.g. data.processed_dir=...)")
+    parser.add_argument("--output", default="bench/results/rl_step.json")
+    args = parser.parse_args()
+    extra = [item for override in args.overrides for item in ("--set", override)]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results: dict = {}
+    for method in methods:  # float32 and bf16 of one method back to back: the machine's state is comparable
+        results[method] = {dtype: run_method(method, dtype, args.steps, args.policy_ckpt, extra) for dtype in DTYPES}
+        fp32, bf16 = (results[method][d]["mean_seconds"] for d in DTYPES)
+        results[method]["speedup_bf16"] = {part: round(fp32[part] / bf16[part], 2) for part in PARTS
+                                           if bf16[part] > 0.05}
+    write_result(args.output, {"benchmark": "rl_step", "steps": args.steps, "policy_ckpt": args.policy_ckpt,
+                               **results})
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,9 @@ from utils.cli import main_guard, resolve_config, setup_logging, stage_dir, stag
 from utils.finqa_data import RAW_FILES, DataError, duplicate_ids, entry_id, entry_problem, gold_context, load_raw_split
 from utils.finqa_program import execute_program, program_steps, results_match
 from utils.runs import stage_run, write_json_atomic
+from utils.stages import STAGES
+
+STAGE = STAGES["check_data"]
 
 N_SAMPLES = 3
 
@@ -70,7 +73,7 @@ def check_split(entries: list, context_mode: str = "gold") -> tuple[dict, list]:
 
 
 def main() -> int:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, STAGE)
     parser.add_argument("--finqa_dir", default=None, help="folder with FinQA's train/dev/test.json "
                                                           "(default: the config's data.raw_dir)")
     args = parser.parse_args()
@@ -78,7 +81,7 @@ def main() -> int:
     raw_dir = Path(args.finqa_dir or config["data"]["raw_dir"])
     log = setup_logging()
 
-    with stage_run("00_check_data", stage_dir(args, config, "check_data"), config, args.seed,
+    with stage_run(STAGE.manifest_name, stage_dir(args, config, STAGE.key), config, args.seed,
                    overwrite=args.overwrite, keep_partial=False) as run:
         summary, samples = {"splits": {}}, {}
         for split, file_name in RAW_FILES.items():

@@ -19,6 +19,9 @@ from utils.finqa_program import execute_program, results_match
 from utils.models import load_tokenizer
 from utils.prompts import render_prompt
 from utils.runs import StageError, sha256_file, stage_run
+from utils.stages import STAGES
+
+STAGE = STAGES["prepare"]
 
 
 def gold_reproduces(entry: dict) -> bool:
@@ -69,7 +72,7 @@ def rows_sha256(rows: list) -> str:
 
 
 def main() -> int:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, STAGE)
     parser.add_argument("--finqa_dir", default=None, help="folder with FinQA's train/dev/test.json "
                                                           "(default: the config's data.raw_dir)")
     args = parser.parse_args()
@@ -81,7 +84,7 @@ def main() -> int:
     log = setup_logging()
     tokenizer = load_tokenizer(config["model"]["path"])
 
-    with stage_run("01_prepare_dataset", stage_dir(args, config, "prepare"), config, args.seed,
+    with stage_run(STAGE.manifest_name, stage_dir(args, config, STAGE.key), config, args.seed,
                    overwrite=args.overwrite, keep_partial=False) as run:
         processed, counts, skipped_by_split, prompt_tokens, not_reproducing = {}, {}, {}, {}, {}
         for split, file_name in RAW_FILES.items():

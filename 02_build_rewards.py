@@ -10,17 +10,20 @@ from utils.cli import main_guard, resolve_config, setup_logging, stage_dir, stag
 from utils.reward import RewardCalculator, RewardWeights
 from utils.reward_cases import case_table, run_cases
 from utils.runs import StageError, stage_run, write_json_atomic, write_text_atomic
+from utils.stages import STAGES
+
+STAGE = STAGES["rewards"]
 
 
 def main() -> int:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, STAGE)
     parser.add_argument("--reward_spec", default=None, help="start from this reward_spec.yaml "
                                                             "(default: DESIGN.md's weights)")
     args = parser.parse_args()
     config = resolve_config(args)
     log = setup_logging()
 
-    with stage_run("02_build_rewards", stage_dir(args, config, "rewards"), config, args.seed,
+    with stage_run(STAGE.manifest_name, stage_dir(args, config, STAGE.key), config, args.seed,
                    overwrite=args.overwrite, keep_partial=False) as run:
         if args.reward_spec:
             weights = RewardWeights.from_spec(run.add_input("reward_spec", args.reward_spec))

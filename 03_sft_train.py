@@ -19,6 +19,9 @@ from utils.runs import is_completed, stage_run, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
 from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, ValidationCallback
+from utils.stages import STAGES
+
+STAGE = STAGES["sft"]
 
 FLAGS = (
     ConfigFlag("--batch_size", "training.batch_size", int, "per-device batch size"),
@@ -34,7 +37,7 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def main() -> int:
-    parser = stage_parser(__doc__, algo_config="configs/algorithms/sft.yaml", config_flags=FLAGS)
+    parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     parser.add_argument("--skip_validation", action="store_true", help="no generation during training "
                                                                       "(ckpt_sft/best is then the final model)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
@@ -42,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     config = resolve_config(args)
     algo, training = config["algorithm"], config["training"]
-    out_dir = stage_dir(args, config, "sft")
+    out_dir = stage_dir(args, config, STAGE.key)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
     if args.resume and is_completed(out_dir):
@@ -50,7 +53,7 @@ def main() -> int:
     log = setup_logging()
     device = configure_torch(config)
 
-    with stage_run("03_sft_train", out_dir, config, args.seed, overwrite=args.overwrite,
+    with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
                    keep_partial=args.resume) as run:
         train_rows = load_processed(run.add_input("train", processed_split(config, "train")),
                                     algo["max_train_examples"])

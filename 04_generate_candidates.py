@@ -15,6 +15,9 @@ from utils.compute import precision
 from utils.models import configure_torch, load_model, load_tokenizer
 from utils.runs import stage_run
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_checkpoint
+from utils.stages import STAGES
+
+STAGE = STAGES["candidates"]
 
 FLAGS = (
     ConfigFlag("--num_candidates", "candidates.num_candidates", int, "candidates sampled per prompt (K)"),
@@ -26,7 +29,7 @@ FLAGS = (
 
 
 def main() -> int:
-    parser = stage_parser(__doc__, config_flags=FLAGS)
+    parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     parser.add_argument("--policy_ckpt", default=None, help="policy to sample from (default: this run's "
                                                             "03_sft/ckpt_sft/best)")
     parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
@@ -36,7 +39,7 @@ def main() -> int:
     log = setup_logging()
     device = configure_torch(config)
 
-    with stage_run("04_generate_candidates", stage_dir(args, config, "candidates"), config, args.seed,
+    with stage_run(STAGE.manifest_name, stage_dir(args, config, STAGE.key), config, args.seed,
                    overwrite=args.overwrite, keep_partial=False) as run:
         rows = load_processed(run.add_input(settings["split"], processed_split(config, settings["split"])),
                               settings["max_prompts"])

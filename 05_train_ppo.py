@@ -7,6 +7,8 @@ Writes ckpt_ppo/{final,best}/ (LoRA adapter on the SFT stack, value_head.pt; bes
 included), logs/training_log.json (statistics per step) and val_generations/step_N.json (greedy validation
 every algorithm.eval_every_steps, step 0 = the SFT model). Runs under `accelerate launch` as well.
 """
+import utils  # noqa: F401  (first: sets the threading environment before torch loads)
+
 import contextlib
 import logging
 import time
@@ -25,6 +27,9 @@ from utils.runs import stage_run, write_json_atomic
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
     rl_train_rows, sft_adapter
 from utils.validation import validate
+from utils.stages import STAGES
+
+STAGE = STAGES["ppo"]
 
 FLAGS = (
     ConfigFlag("--steps", "algorithm.steps", int, "PPO updates (one rollout batch each)"),
@@ -40,7 +45,7 @@ def main() -> int:
     from accelerate import Accelerator
     from peft import get_peft_model
 
-    parser = stage_parser(__doc__, algo_config="configs/algorithms/ppo.yaml", config_flags=FLAGS)
+    parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     parser.add_argument("--policy_ckpt", default=None, help="starting policy (default: this run's "
                                                             "03_sft/ckpt_sft/best)")
     parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
@@ -53,8 +58,8 @@ def main() -> int:
     is_main = accelerator.is_main_process
     if not is_main:
         log.setLevel(logging.WARNING)  # one process reports progress
-    out_dir = stage_dir(args, config, "ppo")
-    context = (stage_run("05_train_ppo", out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False)
+    out_dir = stage_dir(args, config, STAGE.key)
+    context = (stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False)
                if is_main else contextlib.nullcontext())
 
     with context as run:

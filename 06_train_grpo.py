@@ -14,7 +14,7 @@ from utils.cli import ConfigFlag, main_guard
 from utils.rl_trl import RLMethod, run_stage
 
 GRPO = RLMethod(
-    name="grpo", stage="06_train_grpo", trainer_class="GRPOTrainer", config_class="GRPOConfig",
+    name="grpo", trainer_class="GRPOTrainer", config_class="GRPOConfig",
     flags=(ConfigFlag("--loss_type", "algorithm.loss_type", str, "trl loss aggregation: dapo, grpo, dr_grpo, bnpo"),),
     method_keys=("loss_type", "scale_rewards"),
 )

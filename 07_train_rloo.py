@@ -15,7 +15,7 @@ from utils.cli import main_guard
 from utils.rl_trl import RLMethod, run_stage
 
 RLOO = RLMethod(
-    name="rloo", stage="07_train_rloo", trainer_class="RLOOTrainer", config_class="RLOOConfig",
+    name="rloo", trainer_class="RLOOTrainer", config_class="RLOOConfig",
     method_keys=("normalize_advantages",), advantage_variance=True,
 )
 

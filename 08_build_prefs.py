@@ -21,6 +21,9 @@ from utils.preferences import (NO_PAIR_REASONS, PairingRules, PreferenceError, b
 from utils.prompts import answer_json
 from utils.runs import StageError, require_completed, stage_run, write_text_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
+from utils.stages import STAGES
+
+STAGE = STAGES["preferences"]
 
 
 def yes_no(text: str) -> bool:
@@ -61,7 +64,7 @@ def reward_spec_for(args, config, candidates_manifest: dict) -> Path | None:
 
 
 def main() -> int:
-    parser = stage_parser(__doc__, algo_config="configs/algorithms/dpo.yaml", config_flags=FLAGS)
+    parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     parser.add_argument("--candidates_dir", default=None,
                         help="a completed 04_candidates folder (default: this run's)")
     parser.add_argument("--reward_spec", default=None, help="reward weights for scoring gold answers (default: "
@@ -69,10 +72,10 @@ def main() -> int:
     args = parser.parse_args()
     config = resolve_config(args)
     rules = PairingRules.from_config(config["algorithm"]["preferences"])
-    out_dir = stage_dir(args, config, "preferences")
+    out_dir = stage_dir(args, config, STAGE.key)
     log = setup_logging()
 
-    with stage_run("08_build_prefs", out_dir, config, args.seed, overwrite=args.overwrite,
+    with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
                    keep_partial=False) as run:
         source, candidates_manifest = candidates_input(args, config)
         candidates_rows = read_candidates(run.add_input("candidates", source / "candidates.jsonl"))

@@ -29,6 +29,9 @@ from utils.runs import StageError, require_completed, stage_run, write_json_atom
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
 from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, ValidationCallback
+from utils.stages import STAGES
+
+STAGE = STAGES["dpo"]
 
 FLAGS = (
     ConfigFlag("--beta", "algorithm.beta", float, "DPO beta (implicit KL strength)"),
@@ -59,7 +62,7 @@ def last_logged(history: list[dict], key: str):
 
 
 def main() -> int:
-    parser = stage_parser(__doc__, algo_config="configs/algorithms/dpo.yaml", config_flags=FLAGS)
+    parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     parser.add_argument("--policy_ckpt", default=None, help="starting policy, a LoRA adapter (default: this run's "
                                                             "03_sft/ckpt_sft/best)")
     parser.add_argument("--prefs_dir", default=None, help="a completed 08_preferences folder (default: this run's)")
@@ -76,11 +79,11 @@ def main() -> int:
         raise UsageError(f"algorithm.loss_weights has {len(algo['loss_weights'])} weights for {len(loss_types)} "
                          f"loss types")
     max_length = algo["max_length"] or training["max_seq_length"]
-    out_dir = stage_dir(args, config, "dpo")
+    out_dir = stage_dir(args, config, STAGE.key)
     log = setup_logging()
     device = configure_torch(config)
 
-    with stage_run("09_train_dpo", out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
+    with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
         started = time.time()
         train_pairs, heldout_pairs, prefs_manifest = preference_pairs(args, config, run)
         if algo["max_train_pairs"]:

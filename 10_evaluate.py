@@ -3,7 +3,8 @@
 Writes 10_evaluation/<label>/: metrics.json, breakdown.csv (one row per item with its failure reason),
 samples/predictions.jsonl, and predictions_official.json in FinQA's leaderboard format. The checkpoint is
 --policy_ckpt, or --base for the untrained model, or by default the one the label names in this run (sft ->
-03_sft/ckpt_sft/best, grpo -> 06_grpo/ckpt_grpo/final, ...). --predictions_jsonl re-scores saved predictions
+03_sft/ckpt_sft/best, grpo -> 06_grpo/ckpt_grpo/final, grpo_dr -> 06_grpo_dr/ckpt_grpo/final: the table is
+utils/stages.py). --predictions_jsonl re-scores saved predictions
 without loading a model.
 """
 from pathlib import Path
@@ -17,24 +18,21 @@ from utils.compute import precision
 from utils.models import configure_torch, load_model, load_tokenizer, require_checkpoint
 from utils.runs import StageError, plain_name, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
+from utils.stages import STAGES, label_checkpoint
 
-# label -> (stage, checkpoint inside its folder) evaluated when no --policy_ckpt is given
-LABEL_CHECKPOINTS = {"sft": ("sft", "ckpt_sft/best"), "ppo": ("ppo", "ckpt_ppo/final"),
-                     "grpo": ("grpo", "ckpt_grpo/final"), "rloo": ("rloo", "ckpt_rloo/final"),
-                     "dpo": ("dpo", "ckpt_dpo/final")}
-
+STAGE = STAGES["evaluation"]
 
 def checkpoint_for(args, config) -> Path | None:
     if args.base:
         return None
     if args.policy_ckpt:
         return require_checkpoint(args.policy_ckpt)
-    if args.label not in LABEL_CHECKPOINTS:
+    trained = label_checkpoint(args.label)  # the stage a label names (utils/stages.py) and its checkpoint
+    if trained is None:
         raise UsageError(f"--label {args.label}: pass --policy_ckpt or --base (no default checkpoint for this label)")
-    stage, inside = LABEL_CHECKPOINTS[args.label]
-    folder = upstream_dir(args, config, stage)
+    folder = upstream_dir(args, config, trained.key)
     require_completed(folder, "finish that stage first, or pass --policy_ckpt")
-    return require_checkpoint(folder / inside, "checkpoint")
+    return require_checkpoint(folder / trained.checkpoint, "checkpoint")
 
 
 def read_predictions(path: Path, rows: list[dict]) -> list[dict]:
@@ -57,7 +55,7 @@ FLAGS = (
 
 
 def main() -> int:
-    parser = stage_parser(__doc__, config_flags=FLAGS)
+    parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--policy_ckpt", default=None, help="LoRA adapter or merged model folder to evaluate")
     source.add_argument("--base", action="store_true", help="evaluate the untrained base model")
@@ -72,10 +70,10 @@ def main() -> int:
     plain_name(args.label, "--label")
     config = resolve_config(args)
     split, limit = config["evaluation"]["split"], config["evaluation"]["max_examples"]
-    out_dir = stage_dir(args, config, "evaluation") / args.label if not args.output_dir else Path(args.output_dir)
+    out_dir = stage_dir(args, config, STAGE.key) / args.label if not args.output_dir else Path(args.output_dir)
     log = setup_logging()
 
-    with stage_run("10_evaluate", out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
+    with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
         rows = load_processed(run.add_input(split, processed_split(config, split)), limit)
         spec = reward_spec_path(args, config)
         if spec:

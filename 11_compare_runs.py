@@ -21,6 +21,9 @@ from utils.compare import (DEFAULT_INPUT, HEADLINE, best_per_metric, bootstrap_a
                            completed_metrics_files, format_diff, group_stats, load_evaluations, paired_tests,
                            report_markdown, resolve_run, summary_frame, training_curves)
 from utils.runs import StageError, stage_run, write_json_atomic, write_text_atomic
+from utils.stages import STAGES
+
+STAGE = STAGES["comparison"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +61,7 @@ def main() -> int:
         raise StageError(f"no metrics.json of a completed evaluation found in {', '.join(config['inputs'])} "
                          f"(run 10_evaluate.py first)")
 
-    with stage_run("11_compare_runs", args.output_dir, config, args.seed, overwrite=args.overwrite,
+    with stage_run(STAGE.manifest_name, args.output_dir, config, args.seed, overwrite=args.overwrite,
                    keep_partial=False) as run:
         results = load_evaluations(paths)
         for result in results:

@@ -194,8 +194,11 @@ def test_ppo_raises_an_easy_reward(tiny_model_dir, one_thread):
         model.lm_head.weight.mul_(10.0)
     policy = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                               target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]))
-    settings = PPOSettings(steps=40, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=4, learning_rate=3e-3,
-                           kl_coef=0.01, value_head_dropout=0.0)
+    defaults = load_config(REPO / "configs/models/smollm2-135m.yaml", REPO / "configs/algorithms/ppo.yaml")
+    settings = PPOSettings.from_config({**defaults["algorithm"], "steps": 40, "rollout_batch_size": 16,
+                                        "mini_batch_size": 8, "ppo_epochs": 4, "learning_rate": 3e-3,
+                                        "kl_coef": 0.01, "value_head_dropout": 0.0,
+                                        "gradient_accumulation_steps": 1})
     generation = GenerationSettings(max_new_tokens=2, batch_size=16, do_sample=True, temperature=1.0, top_p=1.0,
                                     stop_at_json_end=False)
     trainer = PPOTrainer(policy, tokenizer, StartsWithLowercase(), settings, generation, seed=0)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from utils.config import ConfigError, load_config
 from utils.runs import STAGE_FOLDERS, StageError, plain_name, run_root
+from utils.stages import Stage
 
 DEFAULT_MODEL_CONFIG = "configs/models/smollm2-135m.yaml"
 
@@ -28,13 +29,14 @@ class ConfigFlag:
     help: str
 
 
-def stage_parser(description: str, algo_config: str | None = None,
+def stage_parser(description: str, stage: Stage,
                  config_flags: tuple[ConfigFlag, ...] = ()) -> argparse.ArgumentParser:
+    """The flags every stage has; --algo_config (default: the stage's YAML in utils/stages.py) where it has one."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_MODEL_CONFIG, help="model config (configs/models/*.yaml)")
-    if algo_config is not None:
-        parser.add_argument("--algo_config", default=algo_config,
+    if stage.algo_config is not None:
+        parser.add_argument("--algo_config", default=stage.algo_config,
                             help="method hyperparameters (configs/algorithms/*.yaml)")
     parser.add_argument("--run_id", default="run_001", help="run folder under outputs/")
     parser.add_argument("--output_dir", default=None,

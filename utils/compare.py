@@ -13,8 +13,9 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from utils.config import apply_overrides
+from utils.config import apply_overrides, config_diff, flatten
 from utils.runs import STAGE_FOLDERS, StageError, read_manifest
+from utils.stages import label_checkpoint, training_folders
 from utils.stats import as_bool, bootstrap_ci, mcnemar_exact, paired_bootstrap
 
 log = logging.getLogger("finqa_rl")
@@ -25,10 +26,8 @@ COMPARISON_DEFAULTS = {"baseline": "sft", "n_bootstrap": 2000, "confidence": 0.9
 HEADLINE = {"execution_accuracy": "exec_match", "program_accuracy": "program_match",
             "numeric_accuracy": "numeric_match", "format_compliance": "format_ok",
             "program_validity": "program_valid", "mean_reward": "reward"}
-# evaluation label -> the stage whose checkpoint it evaluates by default (10_evaluate.LABEL_CHECKPOINTS)
-LABEL_STAGES = {"sft": "sft", "ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
-# stages whose time counts as training compute (data preparation and evaluation do not)
-COMPUTE_FOLDERS = {STAGE_FOLDERS[key] for key in ("sft", "candidates", "ppo", "grpo", "rloo", "preferences", "dpo")}
+# stages whose time counts as training compute (data preparation and evaluation do not): utils/stages.py
+COMPUTE_FOLDERS = training_folders()
 TOKEN_KEYS = ("total_generated_tokens", "num_input_tokens_seen", "train_tokens", "total_tokens", "tokens")
 COMPLETION_KEYS = ("total_completions", "n_completions")
 REWARD_KEYS = ("reward", "reward_mean", "mean_reward", "rewards/mean", "train/reward", "rewards/margins")
@@ -48,34 +47,6 @@ def comparison_config(inputs: Iterable[str], overrides: Iterable[str] = (), name
     if not 0.0 < float(config["confidence"]) < 1.0:
         raise StageError(f"confidence must be between 0 and 1, got {config['confidence']}")
     return config
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj} if prefix else {"": obj}
-
-
-def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-def config_diff(old: Any, new: Any) -> list[str]:
-    """'key: old -> new' for every flattened (dotted) key whose value differs."""
-    a, b = flatten(_normalise(old or {})), flatten(_normalise(new or {}))
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        if key not in a:
-            lines.append(f"{key}: (absent) -> {b[key]!r}")
-        elif key not in b:
-            lines.append(f"{key}: {a[key]!r} -> (absent)")
-        elif a[key] != b[key]:
-            lines.append(f"{key}: {a[key]!r} -> {b[key]!r}")
-    return lines
 
 
 def _is_number(value: Any) -> bool:
@@ -187,8 +158,9 @@ def training_stage(run_dir: Path, label: str, eval_manifest: dict | None) -> Pat
         folder = _stage_folder_of(checkpoint, run_dir)
         if folder is not None:
             return folder
-    if label in LABEL_STAGES:
-        folder = run_dir / STAGE_FOLDERS[LABEL_STAGES[label]]
+    trained = label_checkpoint(label)  # the stage 10 evaluates for this label by default
+    if trained is not None:
+        folder = run_dir / trained.folder
         if folder.is_dir():
             return folder
     return None

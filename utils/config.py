@@ -9,6 +9,7 @@ change a key that exists, and keeps its type, so a typo is an error that names t
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -244,3 +245,34 @@ def load_config(model_config: str | Path, algo_config: str | Path | None = None,
     except ConfigError as err:
         raise ConfigError(f"{err} (files: {model_config}{', ' + str(algo_config) if algo_config else ''})") from None
     return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# comparing resolved configurations (the driver's skip rule, 11's run diffs)
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj} if prefix else {"": obj}
+
+
+def _normalise(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def config_diff(old: Any, new: Any) -> list[str]:
+    """'key: old -> new' for every flattened (dotted) key whose value differs."""
+    a, b = flatten(_normalise(old or {})), flatten(_normalise(new or {}))
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:
+            lines.append(f"{key}: (absent) -> {b[key]!r}")
+        elif key not in b:
+            lines.append(f"{key}: {a[key]!r} -> (absent)")
+        elif a[key] != b[key]:
+            lines.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return lines

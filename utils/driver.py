@@ -5,6 +5,9 @@ The plan for `--method M` is 00 -> 01 -> 02 -> 03 -> (04 -> 08 for dpo) -> the m
 07 rloo, 09 dpo) -> 10 for base, sft and each method -> 11 over this run's metrics; 04 also runs before an RL
 method set to train on the prompts its candidates select (--set grpo.algorithm.train_prompts=mixed).
 `--method none` is the SFT-only path; `--method grpo,dpo` several methods; `--method all` every method.
+A variant (utils/stages.py: grpo_dr, grpo_mixed) is planned when named (`--method grpo,grpo_dr`): it runs its
+method's script with --output_dir at its own folder and its overrides as the first --set, and 10 evaluates it
+under its own label.
 
 Flag pass-through (`--set`, repeatable, applied in the order given):
   --set KEY=VALUE               every stage of the plan whose configuration has KEY (e.g. model.path,
@@ -55,46 +58,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from utils.cli import DEFAULT_MODEL_CONFIG, UsageError
-from utils.compare import comparison_config, completed_metrics_files, config_diff
-from utils.config import ConfigError, get_key, load_config, parse_override
+from utils.compare import comparison_config, completed_metrics_files
+from utils.config import ConfigError, config_diff, get_key, load_config, parse_override
 from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, is_stage_folder, now_iso, read_manifest, run_root, \
     sha256_path, write_json_atomic
+from utils.stages import METHODS, RL_METHODS, STAGES, VARIANTS
 
-METHODS = ("ppo", "grpo", "rloo", "dpo")
-RL_METHODS = ("ppo", "grpo", "rloo")
-SCRIPTS = {
-    "check_data": "00_check_data.py",
-    "prepare": "01_prepare_dataset.py",
-    "rewards": "02_build_rewards.py",
-    "sft": "03_sft_train.py",
-    "candidates": "04_generate_candidates.py",
-    "ppo": "05_train_ppo.py",
-    "grpo": "06_train_grpo.py",
-    "rloo": "07_train_rloo.py",
-    "preferences": "08_build_prefs.py",
-    "dpo": "09_train_dpo.py",
-    "evaluation": "10_evaluate.py",
-    "comparison": "11_compare_runs.py",
-}
-# The --algo_config the driver passes (always explicitly, so the stage resolves exactly what the driver does);
-# 08 reads its pairing rules from dpo.yaml (algorithm.preferences). --stage_config replaces one.
-ALGO_CONFIGS = {"sft": "configs/algorithms/sft.yaml", "ppo": "configs/algorithms/ppo.yaml",
-                "grpo": "configs/algorithms/grpo.yaml", "rloo": "configs/algorithms/rloo.yaml",
-                "preferences": "configs/algorithms/dpo.yaml", "dpo": "configs/algorithms/dpo.yaml"}
-# Where a stage can pick up after an interruption (stage key -> (checkpoint glob in its folder, flag)).
-RESUMABLE = {"sft": ("ckpt_sft/checkpoints/checkpoint-*", "--resume")}
 F = STAGE_FOLDERS
-# The data flow: what each stage reads from earlier stages of the run.
-DEPENDS = {
-    "check_data": (), "prepare": (), "rewards": (),
-    "sft": (F["prepare"], F["rewards"]),
-    "candidates": (F["prepare"], F["rewards"], F["sft"]),
-    "ppo": (F["prepare"], F["rewards"], F["sft"]),
-    "grpo": (F["prepare"], F["rewards"], F["sft"]),
-    "rloo": (F["prepare"], F["rewards"], F["sft"]),
-    "preferences": (F["prepare"], F["rewards"], F["candidates"]),
-    "dpo": (F["prepare"], F["rewards"], F["sft"], F["preferences"]),
-}
 LOG_TAIL_LINES = 40
 
 
@@ -103,7 +73,7 @@ class StageSpec:
     """One entry of the plan: a stage script run once (10_evaluate.py once per label)."""
 
     name: str                 # folder under the run: "03_sft", "10_evaluation/grpo"
-    key: str                  # STAGE_FOLDERS key: "sft", "evaluation", ...
+    key: str                  # its key in utils/stages.py: "sft", "evaluation", "grpo_dr", ...
     script: str
     depends: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
@@ -112,6 +82,10 @@ class StageSpec:
     @property
     def number(self) -> str:
         return self.name[:2]
+
+    @property
+    def stage(self):
+        return STAGES[self.key]
 
     @property
     def is_model_stage(self) -> bool:
@@ -123,17 +97,19 @@ class StageSpec:
 
 
 def parse_methods(text: str) -> list[str]:
+    """Method keys in registry order: `all` = every method, `none` = SFT only; a variant only by its name."""
     methods: list[str] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if part == "all":
             methods.extend(METHODS)
         elif part == "none":
             continue
-        elif part in METHODS:
+        elif part in METHODS or part in VARIANTS:
             methods.append(part)
         else:
-            raise UsageError(f"--method: unknown method '{part}' (choose from {', '.join(METHODS)}, all, none)")
-    return [m for m in METHODS if m in methods]
+            raise UsageError(f"--method: unknown method '{part}' (choose from {', '.join(METHODS)}, all, none; "
+                             f"variants: {', '.join(VARIANTS)})")
+    return [key for key in STAGES if key in methods]
 
 
 def build_plan(methods: list[str], base_eval: bool = True, candidates_for: tuple[str, ...] = ()) -> list[StageSpec]:
@@ -146,17 +122,18 @@ def build_plan(methods: list[str], base_eval: bool = True, candidates_for: tuple
     keys += [m for m in RL_METHODS if m in methods]
     if "dpo" in methods:
         keys += ["preferences", "dpo"]
-    plan = [StageSpec(F[key], key, SCRIPTS[key], DEPENDS[key] + ((F["candidates"],) if key in readers else ()))
+    plan = [StageSpec(F[key], key, STAGES[key].script,
+                      tuple(F[read] for read in STAGES[key].reads) + ((F["candidates"],) if key in readers else ()))
             for key in keys]
     labels = (["base"] if base_eval else []) + ["sft"] + methods
     evaluations = []
     for label in labels:
         depends = (F["prepare"], F["rewards"]) + (() if label == "base" else (F[label],))
         extra = ("--base", "--label", "base") if label == "base" else ("--label", label)
-        evaluations.append(StageSpec(f"{F['evaluation']}/{label}", "evaluation", SCRIPTS["evaluation"], depends,
+        evaluations.append(StageSpec(f"{F['evaluation']}/{label}", "evaluation", STAGES["evaluation"].script, depends,
                                      extra, label))
     plan += evaluations
-    plan.append(StageSpec(F["comparison"], "comparison", SCRIPTS["comparison"],
+    plan.append(StageSpec(F["comparison"], "comparison", STAGES["comparison"].script,
                           tuple(spec.name for spec in evaluations)))
     return plan
 
@@ -223,7 +200,7 @@ class Resolver:
     def __init__(self, settings: DriverSettings, plan: list[StageSpec]):
         self.settings = settings
         self.plan = plan
-        self.algo: dict[str, str | None] = {spec.name: ALGO_CONFIGS.get(spec.key) for spec in plan}
+        self.algo: dict[str, str | None] = {spec.name: spec.stage.algo_config for spec in plan}
         for item in settings.stage_configs:
             if "=" not in item:
                 raise UsageError(f"--stage_config expects STAGE=FILE, got '{item}'")
@@ -269,7 +246,8 @@ class Resolver:
             return False
 
     def _split_overrides(self, overrides: list[str]) -> dict[str, list[str]]:
-        per_stage: dict[str, list[str]] = {spec.name: [] for spec in self.plan}
+        # a variant's own overrides (utils/stages.py) come first, so the user's --set wins over them
+        per_stage: dict[str, list[str]] = {spec.name: list(spec.stage.overrides) for spec in self.plan}
         for text in overrides:
             key, _ = parse_override(text)
             head, _, rest = key.partition(".")
@@ -316,6 +294,8 @@ class Resolver:
             if self.algo[spec.name]:
                 cmd += ["--algo_config", self.algo[spec.name]]
             cmd += ["--run_id", self.settings.run_id, "--seed", str(self.settings.seed)]
+            if spec.stage.folder != spec.stage.default_folder:  # a variant: its script's method writes elsewhere
+                cmd += ["--output_dir", str(self.stage_dir(spec))]
             if self.settings.quick_test:
                 cmd.append("--quick_test")
         else:
@@ -327,7 +307,7 @@ class Resolver:
         if mode == "overwrite":
             cmd.append("--overwrite")
         elif mode == "resume":
-            cmd.append(RESUMABLE[spec.key][1])
+            cmd.append(spec.stage.resume[1])
         return cmd
 
 
@@ -456,8 +436,8 @@ def decide(resolver: Resolver, spec: StageSpec, rerun_upstream: set[str], forced
         decision = Decision(spec, "skip", ["completed, same config and seed, inputs unchanged"], depends=depends)
     else:
         mode = "overwrite" if _has_files(folder) else "fresh"
-        if (spec.key in RESUMABLE and check.resumable and not upstream and not forced
-                and any(folder.glob(RESUMABLE[spec.key][0]))):
+        if (spec.stage.resume and check.resumable and not upstream and not forced
+                and any(folder.glob(spec.stage.resume[0]))):
             mode = "resume"
             reasons.append("resuming from its last checkpoint")
         decision = Decision(spec, "run", reasons, mode, depends=depends)
@@ -738,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="12_driver.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", required=True,
-                        help="ppo, grpo, rloo, dpo, all, none (SFT only), or a comma list (grpo,dpo)")
+                        help=f"{', '.join(METHODS)}, all (those), none (SFT only), a variant "
+                             f"({', '.join(VARIANTS)}: utils/stages.py), or a comma list (grpo,grpo_dr,dpo)")
     parser.add_argument("--run_id", default="run_001", help="run folder under outputs/ (default: run_001)")
     parser.add_argument("--config", default=DEFAULT_MODEL_CONFIG,
                         help=f"model config for every stage (default: {DEFAULT_MODEL_CONFIG})")

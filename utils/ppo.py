@@ -53,34 +53,34 @@ VALUE_HEAD_FILE = "value_head.pt"
 
 @dataclass
 class PPOSettings:
-    """configs/algorithms/ppo.yaml; see that file for what each key means."""
+    """configs/algorithms/ppo.yaml, every key required (the defaults live in that file only)."""
 
-    steps: int = 100
-    rollout_batch_size: int = 16
-    mini_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
-    learning_rate: float = 1.0e-5
-    clip_range: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    eval_every_steps: int = 10
-    n_val_examples: int = 32
-    value_head_dropout: float = 0.1
-    max_train_examples: int | None = None
-    train_prompts: str = "all"
-    candidate_scores: str | None = None
+    steps: int
+    rollout_batch_size: int
+    mini_batch_size: int
+    gradient_accumulation_steps: int
+    ppo_epochs: int
+    learning_rate: float
+    clip_range: float
+    cliprange_value: float
+    vf_coef: float
+    gamma: float
+    lam: float
+    kl_coef: float
+    adaptive_kl: bool
+    kl_target: float
+    kl_horizon: int
+    whiten_advantages: bool
+    max_grad_norm: float
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    eval_every_steps: int
+    n_val_examples: int
+    value_head_dropout: float
+    max_train_examples: int | None
+    train_prompts: str
+    candidate_scores: str | None
 
     @classmethod
     def from_config(cls, algo: dict) -> "PPOSettings":

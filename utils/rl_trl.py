@@ -47,6 +47,7 @@ from utils.models import configure_torch, count_parameters, load_tokenizer, lora
     save_adapter
 from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import stage_run, write_json_atomic
+from utils.stages import STAGES
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
     rl_train_rows, sft_adapter
 from utils.training import trainer_arguments
@@ -77,8 +78,7 @@ CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # GRPO loss types
 class RLMethod:
     """One critic-free method: its names and what its stage adds to the shared code."""
 
-    name: str                     # STAGE_FOLDERS key, configs/algorithms/<name>.yaml, ckpt_<name>/
-    stage: str                    # manifest stage name, e.g. 06_train_grpo
+    name: str                     # its key in utils/stages.py (folder, YAML, manifest name), ckpt_<name>/
     trainer_class: str            # trl class names
     config_class: str
     flags: tuple = ()             # named flags beyond COMMON_FLAGS
@@ -354,7 +354,8 @@ def first_logged(history: list[dict], key: str):
 
 def run_stage(method: RLMethod, description: str) -> int:
     """Parse the command line, train, save ckpt_<method>/{best,final}, logs, val_generations and the manifest."""
-    parser = stage_parser(description, algo_config=f"configs/algorithms/{method.name}.yaml",
+    stage = STAGES[method.name]
+    parser = stage_parser(description, stage,
                           config_flags=COMMON_FLAGS + tuple(method.flags))
     parser.add_argument("--policy_ckpt", default=None, help="starting policy, a LoRA adapter (default: this run's "
                                                             "03_sft/ckpt_sft/best)")
@@ -363,11 +364,11 @@ def run_stage(method: RLMethod, description: str) -> int:
     config = resolve_config(args)
     algo = config["algorithm"]
     budget = rollout_budget(config)
-    out_dir = stage_dir(args, config, method.name)
+    out_dir = stage_dir(args, config, stage.key)
     setup_logging()
     device = configure_torch(config)
 
-    with stage_run(method.stage, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
+    with stage_run(stage.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
         started = time.time()
         train_rows = rl_train_rows(args, config, run)
         val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])

@@ -25,22 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from utils.stages import STAGE_FOLDERS  # noqa: F401  (the run layout, declared in utils/stages.py)
 
-STAGE_FOLDERS = {
-    "check_data": "00_data_validation",
-    "prepare": "01_preprocessing",
-    "rewards": "02_rewards",
-    "sft": "03_sft",
-    "candidates": "04_candidates",
-    "ppo": "05_ppo",
-    "grpo": "06_grpo",
-    "rloo": "07_rloo",
-    "preferences": "08_preferences",
-    "dpo": "09_dpo",
-    "evaluation": "10_evaluation",
-    "comparison": "11_comparison",
-}
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "manifest.json"
 
 

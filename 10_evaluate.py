@@ -22,6 +22,7 @@ from utils.stages import STAGES, label_checkpoint
 
 STAGE = STAGES["evaluation"]
 
+
 def checkpoint_for(args, config) -> Path | None:
     if args.base:
         return None

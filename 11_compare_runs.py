@@ -17,9 +17,10 @@ import utils  # noqa: F401  (first: sets the threading environment before anythi
 
 from utils import plots
 from utils.cli import main_guard, setup_logging
-from utils.compare import (DEFAULT_INPUT, HEADLINE, best_per_metric, bootstrap_all, comparison_config, diff_runs,
-                           completed_metrics_files, format_diff, group_stats, load_evaluations, paired_tests,
-                           report_markdown, resolve_run, summary_frame, training_curves)
+from utils.compare import (DEFAULT_INPUT, best_per_metric, bootstrap_all, comparison_config, group_stats,
+                           paired_tests, report_markdown, summary_frame, training_curves)
+from utils.evaluations import HEADLINE, completed_metrics_files, load_evaluations
+from utils.run_diff import diff_runs, format_diff, resolve_run
 from utils.runs import StageError, stage_run, write_json_atomic, write_text_atomic
 from utils.stages import STAGES
 

@@ -2,12 +2,11 @@
 completed before it is still up to date, and a declared variant is planned, evaluated and compared."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from conftest import REPO
-from utils.compare import COMPUTE_FOLDERS, comparison_config
+from utils.compare import comparison_config
+from utils.evaluations import COMPUTE_FOLDERS
 from utils.config import load_config
 from utils.driver import DriverSettings, build_plan, main as driver_main, parse_methods, plan_and_resolver
 from utils.runs import STAGE_FOLDERS, write_json_atomic

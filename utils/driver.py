@@ -58,8 +58,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from utils.cli import DEFAULT_MODEL_CONFIG, UsageError
-from utils.compare import comparison_config, completed_metrics_files
+from utils.compare import comparison_config
 from utils.config import ConfigError, config_diff, get_key, load_config, parse_override
+from utils.evaluations import completed_metrics_files
 from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, is_stage_folder, now_iso, read_manifest, run_root, \
     sha256_path, write_json_atomic
 from utils.stages import METHODS, RL_METHODS, STAGES, VARIANTS

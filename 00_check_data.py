@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from utils.cli import main_guard, resolve_config, setup_logging, stage_dir, stage_parser
-from utils.finqa_data import RAW_FILES, DataError, duplicate_ids, entry_id, entry_problem, gold_context, load_raw_split
+from utils.contexts import gold_context
+from utils.finqa_data import OFFICIAL_TEST, DataError, duplicate_ids, entry_id, entry_problem, load_raw_split, \
+    raw_files
 from utils.finqa_program import execute_program, program_steps, results_match
 from utils.runs import stage_run, write_json_atomic
 from utils.stages import STAGES
@@ -44,8 +46,8 @@ def check_split(entries: list, context_mode: str = "gold") -> tuple[dict, list]:
         steps = program_steps(qa["program"])
         ops.update(op for op, _, _ in steps)
         lengths["question_words"].append(len(qa["question"].split()))
-        if entry["qa"].get("gold_inds") is not None:
-            lengths["gold_context_words"].append(len(gold_context(entry).split()))
+        if entry["qa"].get("gold_inds"):
+            lengths["gold_context_words"].append(len(gold_context(entry).text.split()))
         lengths["full_text_words"].append(len(" ".join(entry["pre_text"] + entry["post_text"]).split()))
         lengths["table_rows"].append(len(entry["table"]))
         lengths["program_steps"].append(len(steps))
@@ -84,10 +86,12 @@ def main() -> int:
     with stage_run(STAGE.manifest_name, stage_dir(args, config, STAGE.key), config, args.seed,
                    overwrite=args.overwrite, keep_partial=False) as run:
         summary, samples = {"splits": {}}, {}
-        for split, file_name in RAW_FILES.items():
+        for split, file_name in raw_files(raw_dir).items():
             entries = load_raw_split(raw_dir / file_name)
             run.add_input(split, raw_dir / file_name)
-            split_summary, samples[split] = check_split(entries, config["data"]["context_mode"])
+            # official_test is only ever built with full or retrieved contexts: gold_inds is optional there
+            mode = "full" if split == OFFICIAL_TEST else config["data"]["context_mode"]
+            split_summary, samples[split] = check_split(entries, mode)
             summary["splits"][split] = split_summary
             check = split_summary["gold_program_check"]
             log.info("%s: %d entries, %d invalid, gold programs reproducing exe_ans: %d/%d", split,

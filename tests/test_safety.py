@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_script
-from utils.finqa_data import full_context, load_processed, write_jsonl
+from utils.contexts import full_context
+from utils.finqa_data import load_processed, write_jsonl
 from utils.models import load_tokenizer
 from utils.runs import read_manifest
 
@@ -305,7 +306,7 @@ def test_full_context_is_linear_in_the_table(tiny_model_dir):
     entry = {"pre_text": ["revenue grew ."] * 100, "post_text": ["costs fell ."] * 100,
              "table": [["", "2019", "2018"]] + [[f"row {i}", "1,000", "2,000"] for i in range(10_000)]}
     started = time.time()
-    context = full_context(entry, count, 640)
+    context = full_context(entry, count, 640).text
     assert time.time() - started < 10
     lines = context.splitlines()
     assert lines[0] == "Table:" and len(lines) > 10 and sum(count(lines)) + len(lines) <= 640

@@ -2,11 +2,14 @@
 completed before it is still up to date, and a declared variant is planned, evaluated and compared."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import REPO
 from utils.compare import comparison_config
 from utils.evaluations import COMPUTE_FOLDERS
+from utils.cli import UsageError
 from utils.config import load_config
 from utils.driver import DriverSettings, build_plan, main as driver_main, parse_methods, plan_and_resolver
 from utils.runs import STAGE_FOLDERS, write_json_atomic
@@ -138,3 +141,25 @@ def test_every_stage_folder_is_unique_and_numbered(key):
     stage = STAGES[key]
     assert stage.folder[:2].isdigit() and stage.folder[2] == "_"
     assert [s.folder for s in STAGES.values()].count(stage.folder) == 1
+
+
+def test_a_preset_is_a_list_of_driver_sets_the_command_line_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out: list[str] = []
+    code = driver_main(["--method", "grpo", "--preset", "cpu", "--run_id", "p", "--set",
+                        f"paths.outputs_dir={tmp_path}", "--set", "grpo.algorithm.steps=3", "--dry_run"],
+                       echo=out.append)
+    text = "".join(out)
+    assert code == 0, text
+    grpo = next(line for line in text.splitlines() if "06_train_grpo.py" in line)
+    assert "data.raw_dir=../shared/finqa_core" in grpo and "algorithm.num_generations=8" in grpo
+    assert grpo.index("algorithm.steps=8") < grpo.index("algorithm.steps=3")  # the command line's --set wins
+    sft = next(line for line in text.splitlines() if "03_sft_train.py" in line)
+    assert "algorithm.epochs=1" in sft and "num_generations" not in sft
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("set: data.raw_dir=x\n")
+    for preset, message in (("nope", "configs/presets/nope.yaml not found (presets: cpu"),
+                            (str(bad), "needs `set:` as a list")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            driver_main(["--method", "grpo", "--preset", preset, "--dry_run"], echo=out.append)

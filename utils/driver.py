@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from utils.cli import DEFAULT_MODEL_CONFIG, UsageError
 from utils.compare import comparison_config
 from utils.config import ConfigError, config_diff, get_key, load_config, parse_override
@@ -146,6 +148,11 @@ def _aliases(spec: StageSpec) -> set[str]:
     return names
 
 
+# every name a stage of the registry goes by (key, folder, number, script), planned or not
+REGISTRY_NAMES = {name for stage in STAGES.values()
+                  for name in (stage.key, stage.folder, stage.number, Path(stage.script).stem)}
+
+
 def matches(spec: StageSpec, selector: str) -> bool:
     return selector.strip() in _aliases(spec)
 
@@ -193,6 +200,7 @@ class DriverSettings:
     quick_test: bool
     overrides: list[str] = field(default_factory=list)       # as given on the command line
     stage_configs: list[str] = field(default_factory=list)   # STAGE=FILE
+    preset: list[str] = field(default_factory=list)          # --preset's --set entries, applied first
 
 
 class Resolver:
@@ -212,11 +220,11 @@ class Resolver:
                 self.algo[spec.name] = file
         self._base: dict[str, dict | Exception] = {}
         model = self._model_base()
-        shared = [text for text in settings.overrides if self._applies(text, model)]
+        shared = [text for text in settings.preset + settings.overrides if self._applies(text, model)]
         outputs_dir = load_config(settings.config, None, settings.quick_test, shared)["paths"]["outputs_dir"]
         self.run_root = run_root(settings.run_id, outputs_dir)
         self.comparison_inputs = [str(self.run_root)]  # 11 compares this run's evaluations
-        self.overrides = self._split_overrides(settings.overrides)
+        self.overrides = self._split_overrides(settings.preset + settings.overrides, n_preset=len(settings.preset))
 
     def _model_base(self) -> dict:
         if "__model__" not in self._base:
@@ -246,10 +254,10 @@ class Resolver:
         except ConfigError:
             return False
 
-    def _split_overrides(self, overrides: list[str]) -> dict[str, list[str]]:
+    def _split_overrides(self, overrides: list[str], n_preset: int = 0) -> dict[str, list[str]]:
         # a variant's own overrides (utils/stages.py) come first, so the user's --set wins over them
         per_stage: dict[str, list[str]] = {spec.name: list(spec.stage.overrides) for spec in self.plan}
-        for text in overrides:
+        for index, text in enumerate(overrides):
             key, _ = parse_override(text)
             head, _, rest = key.partition(".")
             targets = [spec for spec in self.plan if self._applies(text, self.base_config(spec))]
@@ -262,6 +270,8 @@ class Resolver:
                     raise UsageError(f"--set {text}: paths.outputs_dir can only be set for every stage")
                 for spec in prefixed:
                     per_stage[spec.name].append(f"{rest}={text.split('=', 1)[1]}")
+            elif index < n_preset and head in REGISTRY_NAMES:
+                continue  # a preset covers every method: its entries for stages outside this plan do not apply
             else:
                 known = [spec.name for spec in self.plan if isinstance(self.base_config(spec), Exception)]
                 hint = f" (configs of {', '.join(known)} could not be read)" if known else ""
@@ -738,7 +748,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="re-run these stages even when up to date (what reads their outputs re-runs if "
                              "they changed)")
     parser.add_argument("--no_base_eval", action="store_true", help="do not evaluate the untrained base model")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="configs/presets/NAME.yaml (or a YAML path): --set entries applied before the command "
+                             "line's; `cpu` is the study on a 2-core CPU")
     return parser
+
+
+PRESETS_DIR = Path("configs/presets")
+
+
+def preset_overrides(name: str) -> tuple[Path, list[str]]:
+    """A preset's --set entries: a YAML file whose `set` is a list of [STAGE.]KEY=VALUE strings."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))) or "none"
+        raise UsageError(f"--preset {name}: {path} not found (presets: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UsageError(f"--preset {name}: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    entries = data.get("set") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, str) and "=" in e for e in entries):
+        raise UsageError(f"--preset {name}: {path} needs `set:` as a list of [STAGE.]KEY=VALUE strings")
+    return path, entries
 
 
 def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = None) -> int:
@@ -751,8 +783,9 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
     echo = echo or default_echo
 
     methods = parse_methods(args.method)
+    preset_path, preset = preset_overrides(args.preset) if args.preset else (None, [])
     settings = DriverSettings(args.config, args.run_id, args.seed, args.quick_test, args.overrides,
-                              args.stage_config)
+                              args.stage_config, preset)
     full_plan, resolver = plan_and_resolver(methods, settings, base_eval=not args.no_base_eval)
     specs = select_stages(full_plan, args.stages, args.until)
     rerun = {spec.name for sel in (args.rerun or "").split(",") if sel.strip()
@@ -772,6 +805,8 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
             decisions = make_plan(resolver, specs, rerun)
             echo(format_plan(decisions, resolver.run_root, commands=False) + "\n")
             manifest = RunManifest(resolver.run_root, ["12_driver.py", *argv], methods, decisions)
+            if preset_path:
+                manifest.data["preset"] = {"name": args.preset, "file": str(preset_path), "set": preset}
             manifest.write()
             return execute(resolver, decisions, manifest, echo, rerun)
     finally:

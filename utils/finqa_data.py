@@ -20,6 +20,15 @@ from utils.runs import StageError
 
 # processed split name -> FinQA's file name
 RAW_FILES = {"train": "train.json", "val": "dev.json", "test": "test.json"}
+# FinQA's real test split (../shared/finqa_core/official_test.json): optional, and built in the full and retrieved
+# settings only, since most of its entries carry no gold_inds.
+OFFICIAL_TEST, OFFICIAL_TEST_FILE = "official_test", "official_test.json"
+
+
+def raw_files(raw_dir: Path) -> dict[str, str]:
+    """The splits a raw folder holds: train, val, test, and official_test where its file is there."""
+    extra = {OFFICIAL_TEST: OFFICIAL_TEST_FILE} if (Path(raw_dir) / OFFICIAL_TEST_FILE).is_file() else {}
+    return {**RAW_FILES, **extra}
 PROCESSED_FIELDS = ("id", "question", "input_text", "prompt", "completion", "target_program", "target_answer",
                     "exe_ans", "table", "context_mode")
 
@@ -108,44 +117,6 @@ def duplicate_ids(entries: list) -> list[str]:
 
 def entry_id(entry: Any, index: int) -> str:
     return entry["id"] if isinstance(entry, dict) and isinstance(entry.get("id"), str) else f"#{index}"
-
-
-def table_row_text(row: list[str]) -> str:
-    return " | ".join(cell.strip() for cell in row)
-
-
-def gold_context(entry: dict) -> str:
-    """FinQA's gold evidence (gold_inds): the annotated sentences and linearised table rows."""
-    return "\n".join(text.strip() for text in entry["qa"]["gold_inds"].values())
-
-
-def full_context(entry: dict, count_tokens, budget: int) -> str:
-    """All text and the table, in the report's order, cut to a token budget.
-
-    The table is kept first (table ops need its row names), then sentences in their order until the budget is
-    spent; what is kept stays in the report's order. count_tokens takes a list of lines and returns their
-    token counts (one batched tokenizer call), so the cost is linear in the size of the report.
-    """
-    table_lines = ["Table:"] + [table_row_text(row) for row in entry["table"]]
-    sentences = [(source, sentence.strip()) for source in ("pre_text", "post_text") for sentence in entry[source]
-                 if sentence.strip() and sentence.strip() != "."]
-    costs = [n + 1 for n in count_tokens(table_lines + [sentence for _, sentence in sentences])]
-    table_costs, sentence_costs = costs[:len(table_lines)], costs[len(table_lines):]
-    kept = {"pre_text": [], "post_text": []}
-    used = sum(table_costs)
-    if used > budget:
-        # The table alone exceeds the budget: keep its lines from the top while they fit (at least one), no text.
-        kept_table, used = 0, 0
-        for cost in table_costs:
-            if kept_table and used + cost > budget:
-                break
-            kept_table, used = kept_table + 1, used + cost
-        return "\n".join(table_lines[:kept_table])
-    for (source, sentence), cost in zip(sentences, sentence_costs):
-        if used + cost <= budget:
-            kept[source].append(sentence)
-            used += cost
-    return "\n".join(kept["pre_text"] + table_lines + kept["post_text"])
 
 
 def answer_text(qa: dict) -> str:

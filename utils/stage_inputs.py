@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from utils.cli import ConfigFlag, upstream_dir
-from utils.finqa_data import load_processed, read_jsonl
+from utils.finqa_data import OFFICIAL_TEST, OFFICIAL_TEST_FILE, load_processed, read_jsonl
 from utils.models import is_adapter, require_checkpoint
 from utils.reward import RewardCalculator, RewardWeights
 from utils.runs import StageError, is_completed
@@ -17,6 +17,9 @@ log = logging.getLogger("finqa_rl")
 def processed_split(config: dict, split: str) -> Path:
     path = Path(config["data"]["processed_dir"]) / f"{split}.jsonl"
     if not path.is_file():
+        if split == OFFICIAL_TEST:
+            raise StageError(f"{path} not found: 01_prepare_dataset.py builds it in the full or retrieved setting "
+                             f"(data.context_mode) from a data.raw_dir that holds {OFFICIAL_TEST_FILE}")
         raise StageError(f"{path} not found (run 01_prepare_dataset.py first)")
     return path
 

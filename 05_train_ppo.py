@@ -20,13 +20,12 @@ from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, sta
 from utils.finqa_data import load_processed
 from utils.generation import settings_from_config
 from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base, \
-    save_adapter
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base
 from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, save_value_head
 from utils.runs import stage_run, write_json_atomic
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
     rl_train_rows, sft_adapter
-from utils.validation import validate
+from utils.validation import PolicyCheckpoints
 from utils.stages import STAGES
 
 STAGE = STAGES["ppo"]
@@ -88,28 +87,15 @@ def main() -> int:
         greedy = settings_from_config(config, sampled=False)
         next_batch = cycle_batches(train_rows, settings.rollout_batch_size, args.seed + accelerator.process_index)
 
-        ckpt_dir, val_dir = out_dir / "ckpt_ppo", out_dir / "val_generations"
-        log_path = out_dir / "logs" / "training_log.json"
-        history: list[dict] = []
-        best: dict = {}
-
-        def save(dest, summary=None):
-            save_adapter(trainer.policy, tokenizer, dest, adapters=adapters)
-            save_value_head(trainer.unwrapped, dest)
-            if summary is not None:
-                write_json_atomic(dest / "val_summary.json", summary)
+        # the same checkpoints and validation as the trl stages, the value head saved beside each adapter
+        checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, adapters,
+                                        save_extra=lambda model, dest: save_value_head(trainer.unwrapped, dest))
+        validator = checkpoints.validation(val_rows, calculator, greedy, settings.eval_every_steps, args.seed)
+        log_path = checkpoints.log_path
 
         def validation(step: int) -> None:
-            if is_main:
-                summary, samples = validate(trainer.policy, tokenizer, val_rows, calculator, greedy, args.seed)
-                summary["step"] = step
-                write_json_atomic(val_dir / f"step_{step}.json", {"summary": summary, "samples": samples})
-                history.append(summary)
-                log.info("validation at step %d: parse rate %.2f, exec acc %.2f, mean reward %.3f", step,
-                         summary["parse_rate"], summary["execution_accuracy"], summary["mean_reward"])
-                if not best or summary["mean_reward"] > best["mean_reward"]:
-                    best.update(summary)
-                    save(ckpt_dir / "best", summary)
+            if is_main:  # one process validates and saves; the others wait for it
+                validator.run(trainer.policy, step)
             accelerator.wait_for_everyone()
 
         started = time.time()
@@ -129,19 +115,12 @@ def main() -> int:
                 validation(step)
 
         if is_main:
-            save(ckpt_dir / "final", history[-1])
-            run.add_output("ckpt_final", ckpt_dir / "final")
-            run.add_output("ckpt_best", ckpt_dir / "best")
-            run.add_output("training_log", log_path)
-            run.add_output("val_generations", val_dir)
+            figures = checkpoints.finish(run, trainer.policy, validator)
+            history = validator.history
             per_step = records[-1]
             run.metrics.update({
                 "steps": settings.steps,
-                "initial_val_reward": history[0]["mean_reward"], "final_val_reward": history[-1]["mean_reward"],
-                "initial_val_parse_rate": history[0]["parse_rate"], "final_val_parse_rate": history[-1]["parse_rate"],
-                "initial_val_execution_accuracy": history[0]["execution_accuracy"],
-                "final_val_execution_accuracy": history[-1]["execution_accuracy"],
-                "best_val_reward": best["mean_reward"], "best_step": best["step"],
+                **figures,
                 "final_kl": per_step["kl"], "final_kl_coef": trainer.kl_controller.value,
                 "first_train_reward": records[0]["reward_mean"], "final_train_reward": per_step["reward_mean"],
                 "prompts_per_step": per_step["n_prompts"], "completions_per_step": per_step["n_completions"],
@@ -153,7 +132,6 @@ def main() -> int:
                             for key in ("generation", "reward", "training")},
                 "wall_time_s": round(time.time() - started, 1),
                 "parameters": count_parameters(trainer.unwrapped),
-                "validation": history,
             })
             log.info("PPO done: %d steps, val reward %.3f -> %.3f, final kl %.3f", settings.steps,
                      history[0]["mean_reward"], history[-1]["mean_reward"], per_step["kl"])

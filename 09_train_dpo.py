@@ -22,13 +22,12 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
 from utils.finqa_data import hf_dataset, load_processed, read_jsonl
 from utils.generation import settings_from_config
 from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base, \
-    save_adapter
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
 from utils.training import trainer_arguments
-from utils.validation import JsonLogCallback, ValidationCallback
+from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 from utils.stages import STAGES
 
 STAGE = STAGES["dpo"]
@@ -54,11 +53,6 @@ def preference_pairs(args, config, run) -> tuple[list[dict], list[dict], dict]:
     heldout_path = folder / "heldout_pairs.jsonl"
     heldout = read_jsonl(run.add_input("heldout_pairs", heldout_path)) if heldout_path.is_file() else []
     return train, heldout, manifest
-
-
-def last_logged(history: list[dict], key: str):
-    values = [record[key] for record in history if key in record]
-    return values[-1] if values else None
 
 
 def main() -> int:
@@ -102,19 +96,13 @@ def main() -> int:
         run.extra["precision"] = compute.record()
         base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
 
-        ckpt_dir, val_dir = out_dir / "ckpt_dpo", out_dir / "val_generations"
-
-        def save_best(model, summary):
-            save_adapter(model, tokenizer, ckpt_dir / "best", adapters=adapters)
-            write_json_atomic(ckpt_dir / "best" / "val_summary.json", summary)
-
-        validation = ValidationCallback(tokenizer, val_rows, reward_calculator(spec),
-                                        settings_from_config(config, sampled=False), val_dir,
-                                        algo["eval_every_steps"], args.seed, on_best=save_best)
+        checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, adapters)
+        validation = checkpoints.validation(val_rows, reward_calculator(spec), settings_from_config(config, sampled=False),
+                                            algo["eval_every_steps"], args.seed)
         eval_pairs = bool(heldout_pairs) and algo["eval_pairs_every_steps"] > 0
         dpo_config = DPOConfig(**trainer_arguments(
             config, out_dir, args.seed, device, tensorboard=algo["tensorboard"],
-            output_dir=str(ckpt_dir / "checkpoints"),
+            output_dir=str(checkpoints.ckpt_dir / "checkpoints"),
             num_train_epochs=algo["epochs"],
             max_steps=algo["max_steps"],
             learning_rate=algo["learning_rate"],
@@ -138,7 +126,7 @@ def main() -> int:
                              train_dataset=hf_dataset(train_pairs, columns),
                              eval_dataset=hf_dataset(heldout_pairs, columns) if eval_pairs else None,
                              peft_config=lora_config(config),
-                             callbacks=[JsonLogCallback(out_dir / "logs" / "training_log.json"), validation])
+                             callbacks=[JsonLogCallback(checkpoints.log_path), validation])
 
         # Before training the new adapter is zero: the policy is the reference (the SFT model).
         batch = algo["preference_eval_batch_size"]
@@ -162,18 +150,9 @@ def main() -> int:
                       for pair, ref, pol in zip(heldout_pairs, reference, policy)],
         })
 
-        save_adapter(trainer.model, tokenizer, ckpt_dir / "final", adapters=adapters)
-        trainer_dir = ckpt_dir / "checkpoints"  # the trainer's output_dir; nothing is saved there (save_strategy no)
-        if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
-            trainer_dir.rmdir()
-        write_json_atomic(ckpt_dir / "final" / "val_summary.json", validation.history[-1])
-        run.add_output("ckpt_final", ckpt_dir / "final")
-        run.add_output("ckpt_best", ckpt_dir / "best")
-        run.add_output("training_log", out_dir / "logs" / "training_log.json")
-        run.add_output("val_generations", val_dir)
+        figures = checkpoints.finish(run, trainer.model, validation)
 
         history, val = trainer.state.log_history, validation.history
-        best = max(val, key=lambda summary: summary["mean_reward"])
         run.metrics.update({
             "n_train_pairs": len(train_pairs), "n_train_pairs_used": len(trainer.train_dataset),
             "n_train_prompts": len({p["id"] for p in train_pairs}),
@@ -183,7 +162,7 @@ def main() -> int:
             "steps": trainer.state.global_step, "epochs_done": trainer.state.epoch,
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
             "train_tokens": last_logged(history, "num_tokens"),  # prompt + chosen + rejected tokens seen
-            "first_loss": next((r["loss"] for r in history if "loss" in r), None),
+            "first_loss": first_logged(history, "loss"),
             "final_loss": last_logged(history, "loss"),
             "final_train": {key: last_logged(history, key) for key in LOGGED_KEYS[1:]},
             "final_eval": {key: last_logged(history, f"eval_{key}") for key in LOGGED_KEYS},
@@ -196,14 +175,9 @@ def main() -> int:
                               "(summed over response tokens), pi = SFT before and DPO after; "
                               "implicit_reward_accuracy: fraction with beta*((log pi(c) - log ref(c)) - "
                               "(log pi(r) - log ref(r))) > 0, ref = SFT (0 before: pi == ref)"},
-            "initial_val_parse_rate": val[0]["parse_rate"], "final_val_parse_rate": val[-1]["parse_rate"],
-            "initial_val_reward": val[0]["mean_reward"], "final_val_reward": val[-1]["mean_reward"],
-            "initial_val_execution_accuracy": val[0]["execution_accuracy"],
-            "final_val_execution_accuracy": val[-1]["execution_accuracy"],
-            "best_val_reward": best["mean_reward"], "best_step": best["step"],
+            **figures,
             "wall_time_s": round(time.time() - started, 1),
             "parameters": count_parameters(trainer.model),
-            "validation": val,
         })
         if not heldout_pairs:
             log.warning("no held-out pairs: preference accuracy not measured (08 heldout_fraction is 0, or too "

@@ -43,15 +43,14 @@ from utils.cli import ConfigFlag, resolve_config, setup_logging, stage_dir, stag
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
 from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base, \
-    save_adapter
+from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base
 from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import stage_run, write_json_atomic
 from utils.stages import STAGES
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
     rl_train_rows, sft_adapter
 from utils.training import trainer_arguments
-from utils.validation import JsonLogCallback, ValidationCallback
+from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 
 log = logging.getLogger("finqa_rl")
 
@@ -339,16 +338,6 @@ def expected_log_keys(algo: dict) -> list[str]:
     return keys
 
 
-def last_logged(history: list[dict], key: str):
-    values = [record[key] for record in history if record.get(key) is not None]
-    return values[-1] if values else None
-
-
-def first_logged(history: list[dict], key: str):
-    values = [record[key] for record in history if record.get(key) is not None]
-    return values[0] if values else None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 
@@ -382,35 +371,22 @@ def run_stage(method: RLMethod, description: str) -> int:
         run.extra["precision"] = compute.record()
         base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
 
-        ckpt_dir, val_dir = out_dir / f"ckpt_{method.name}", out_dir / "val_generations"
-        log_path = out_dir / "logs" / "training_log.json"
-
-        def save_best(model, summary):
-            save_adapter(model, tokenizer, ckpt_dir / "best", adapters=adapters)
-            write_json_atomic(ckpt_dir / "best" / "val_summary.json", summary)
-
-        validation = ValidationCallback(tokenizer, val_rows, calculator, settings_from_config(config, sampled=False),
-                                        val_dir, algo["eval_every_steps"], args.seed, on_best=save_best)
+        checkpoints = PolicyCheckpoints(out_dir, method.name, tokenizer, adapters)
+        validation = checkpoints.validation(val_rows, calculator, settings_from_config(config, sampled=False),
+                                            algo["eval_every_steps"], args.seed)
         recorder = RewardRecorder(make_reward_functions(calculator), budget["num_generations"])
         timer = StepTimer()
         trainer = make_trainer(method, base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS),
                                [timer.timed(function, "reward") for function in recorder.functions],
                                trl_arguments(method, config, out_dir, args.seed, device),
-                               [timer, JsonLogCallback(log_path), validation], lora_config(config))
+                               [timer, JsonLogCallback(checkpoints.log_path), validation], lora_config(config))
         # trl's own generation is plain `generate` outside autocast: run it in the stage's precision too
         trainer._generate = timer.timed(with_autocast(trainer._generate, compute), "generation")
 
         validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
         result = trainer.train()
 
-        save_adapter(trainer.model, tokenizer, ckpt_dir / "final", adapters=adapters)
-        write_json_atomic(ckpt_dir / "final" / "val_summary.json", validation.history[-1])
-        trainer_dir = ckpt_dir / "checkpoints"  # the trainer's output_dir; nothing is saved there (save_strategy no)
-        if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
-            trainer_dir.rmdir()
-        for name, path in (("ckpt_final", ckpt_dir / "final"), ("ckpt_best", ckpt_dir / "best"),
-                           ("training_log", log_path), ("val_generations", val_dir)):
-            run.add_output(name, path)
+        figures = checkpoints.finish(run, trainer.model, validation)
 
         history, val = trainer.state.log_history, validation.history
         logged = sorted({key for record in history for key in record})
@@ -419,7 +395,6 @@ def run_stage(method: RLMethod, description: str) -> int:
             log.warning("training_log.json lacks %s (trl did not log them)", ", ".join(missing))
         if not all(batch["grouped_by_prompt"] for batch in recorder.batches):
             log.warning("a reward batch did not hold each prompt's completions consecutively")
-        best = max(val, key=lambda summary: summary["mean_reward"])
         actual = {"total_completions": recorder.total_completions,
                   "total_generated_tokens": recorder.total_generated_tokens}
         run.metrics.update({
@@ -429,11 +404,7 @@ def run_stage(method: RLMethod, description: str) -> int:
                        actual["total_generated_tokens"] / max(actual["total_completions"], 1)},
             "beta": algo["beta"], "learning_rate": algo["learning_rate"],
             **{key: algo[key] for key in method.method_keys},
-            "initial_val_reward": val[0]["mean_reward"], "final_val_reward": val[-1]["mean_reward"],
-            "initial_val_parse_rate": val[0]["parse_rate"], "final_val_parse_rate": val[-1]["parse_rate"],
-            "initial_val_execution_accuracy": val[0]["execution_accuracy"],
-            "final_val_execution_accuracy": val[-1]["execution_accuracy"],
-            "best_val_reward": best["mean_reward"], "best_step": best["step"],
+            **figures,
             "first_train_reward": first_logged(history, "reward"), "final_train_reward": last_logged(history, "reward"),
             "final_kl": last_logged(history, "kl"), "final_entropy": last_logged(history, "entropy"),
             "final_frac_reward_zero_std": last_logged(history, "frac_reward_zero_std"),
@@ -444,7 +415,6 @@ def run_stage(method: RLMethod, description: str) -> int:
             "wall_time_s": round(time.time() - started, 1),
             "parameters": count_parameters(trainer.model),
             "logged_keys": logged, "missing_log_keys": missing,
-            "validation": val,
         })
         if method.advantage_variance:
             report = recorder.advantage_variance()

@@ -2,7 +2,8 @@
 
 One routine for every training stage: SFT writes valid_samples/step_N.json, the RL and DPO stages write
 val_generations/step_N.json, all with the same fields (parse rate, program validity, execution accuracy,
-mean reward, and each sample).
+mean reward, and each sample). PolicyCheckpoints is the part of a method stage (05, 06, 07, 09) that is the same
+in each: its best/final checkpoints, its validation and the validation figures of its manifest.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from utils.generation import GenerationSettings, generate
+from utils.models import save_adapter
 from utils.reward import RewardCalculator
 from utils.runs import write_json_atomic
 
@@ -83,6 +85,66 @@ class ValidationCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if state.global_step != self._last_step:
             self.run(model, state.global_step)
+
+
+class PolicyCheckpoints:
+    """What every method stage (05, 06, 07, 09) writes the same way: ckpt_<key>/best (the best validation so far,
+    the SFT start included), ckpt_<key>/final, each with its val_summary.json, validation every `every` steps
+    into val_generations/, and the manifest's validation figures. `save_extra(model, dest)` adds a stage's own
+    files to each checkpoint (PPO's value head)."""
+
+    def __init__(self, out_dir: Path, key: str, tokenizer, adapters: list, save_extra: Callable | None = None):
+        self.out_dir, self.tokenizer, self.adapters, self.save_extra = Path(out_dir), tokenizer, adapters, save_extra
+        self.ckpt_dir = self.out_dir / f"ckpt_{key}"
+        self.val_dir = self.out_dir / "val_generations"
+        self.log_path = self.out_dir / "logs" / "training_log.json"
+
+    def save(self, model, name: str, summary: dict) -> None:
+        dest = self.ckpt_dir / name
+        save_adapter(model, self.tokenizer, dest, adapters=self.adapters)
+        if self.save_extra is not None:
+            self.save_extra(model, dest)
+        write_json_atomic(dest / "val_summary.json", summary)
+
+    def validation(self, rows: list[dict], calculator: RewardCalculator, settings: GenerationSettings, every: int,
+                   seed: int) -> ValidationCallback:
+        return ValidationCallback(self.tokenizer, rows, calculator, settings, self.val_dir, every, seed,
+                                  on_best=lambda model, summary: self.save(model, "best", summary))
+
+    def finish(self, run, model, validation: ValidationCallback) -> dict:
+        """Save ckpt_<key>/final, record the outputs, and return the manifest's validation figures."""
+        self.save(model, "final", validation.history[-1])
+        trainer_dir = self.ckpt_dir / "checkpoints"  # a trl trainer's output_dir, empty with save_strategy "no"
+        if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
+            trainer_dir.rmdir()
+        for name, path in (("ckpt_final", self.ckpt_dir / "final"), ("ckpt_best", self.ckpt_dir / "best"),
+                           ("training_log", self.log_path), ("val_generations", self.val_dir)):
+            run.add_output(name, path)
+        return validation_figures(validation.history)
+
+
+def validation_figures(history: list[dict]) -> dict:
+    """The start (step 0: the SFT model), end and best of a stage's validation history, for its manifest."""
+    first, last = history[0], history[-1]
+    best = max(history, key=lambda summary: summary["mean_reward"])
+    return {
+        "initial_val_reward": first["mean_reward"], "final_val_reward": last["mean_reward"],
+        "initial_val_parse_rate": first["parse_rate"], "final_val_parse_rate": last["parse_rate"],
+        "initial_val_execution_accuracy": first["execution_accuracy"],
+        "final_val_execution_accuracy": last["execution_accuracy"],
+        "best_val_reward": best["mean_reward"], "best_step": best["step"],
+        "validation": history,
+    }
+
+
+def first_logged(history: list[dict], key: str):
+    """The first value a trainer logged under key (None values skipped), or None."""
+    return next((record[key] for record in history if record.get(key) is not None), None)
+
+
+def last_logged(history: list[dict], key: str):
+    """The last value a trainer logged under key (None values skipped), or None."""
+    return first_logged(history[::-1], key)
 
 
 class JsonLogCallback(TrainerCallback):

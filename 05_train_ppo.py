@@ -17,14 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
-from utils.finqa_data import load_processed
 from utils.generation import settings_from_config
-from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base
+from utils.models import configure_torch, count_parameters, lora_config
 from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, save_value_head
 from utils.runs import stage_run, write_json_atomic
-from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
-    rl_train_rows, sft_adapter
+from utils.stage_inputs import TRAIN_PROMPT_FLAG, add_policy_flags, policy_inputs, rl_train_rows
 from utils.validation import PolicyCheckpoints
 from utils.stages import STAGES
 
@@ -45,9 +42,7 @@ def main() -> int:
     from peft import get_peft_model
 
     parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
-    parser.add_argument("--policy_ckpt", default=None, help="starting policy (default: this run's "
-                                                            "03_sft/ckpt_sft/best)")
-    parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
+    add_policy_flags(parser)
     args = parser.parse_args()
     config = resolve_config(args)
     settings = PPOSettings.from_config(config["algorithm"])
@@ -62,24 +57,11 @@ def main() -> int:
                if is_main else contextlib.nullcontext())
 
     with context as run:
-        val_path = processed_split(config, "val")
-        ckpt, spec = sft_adapter(args, config, "PPO"), reward_spec_path(args, config)
-        train_rows = rl_train_rows(args, config, run if is_main else None)
-        if is_main:
-            run.add_input("val", val_path)
-            run.add_input("policy", ckpt)
-            if spec:
-                run.add_input("reward_spec", spec)
-        val_rows = load_processed(val_path, settings.n_val_examples)
-        calculator = reward_calculator(spec)
-        tokenizer = load_tokenizer(config["model"]["path"])
-        device = accelerator.device
-        compute = precision(config, device)
-        if is_main:
-            run.extra["precision"] = compute.record()
+        train_rows = rl_train_rows(args, config, run)  # run is None on the processes that do not write
         torch.manual_seed(args.seed)
-        base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
-        policy = get_peft_model(base, lora_config(config))
+        inputs = policy_inputs(args, config, run, accelerator.device, "PPO")
+        tokenizer, calculator, compute = inputs.tokenizer, inputs.calculator, inputs.compute
+        policy = get_peft_model(inputs.base, lora_config(config))
         rollout_settings = settings_from_config(config, sampled=True, max_new_tokens=settings.max_new_tokens,
                                                 temperature=settings.temperature, top_p=settings.top_p)
         trainer = PPOTrainer(policy, tokenizer, calculator, settings, rollout_settings, accelerator, args.seed,
@@ -88,9 +70,9 @@ def main() -> int:
         next_batch = cycle_batches(train_rows, settings.rollout_batch_size, args.seed + accelerator.process_index)
 
         # the same checkpoints and validation as the trl stages, the value head saved beside each adapter
-        checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, adapters,
+        checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, inputs.adapters,
                                         save_extra=lambda model, dest: save_value_head(trainer.unwrapped, dest))
-        validator = checkpoints.validation(val_rows, calculator, greedy, settings.eval_every_steps, args.seed)
+        validator = checkpoints.validation(inputs.val_rows, calculator, greedy, settings.eval_every_steps, args.seed)
         log_path = checkpoints.log_path
 
         def validation(step: int) -> None:

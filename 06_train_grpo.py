@@ -10,8 +10,8 @@ reward, the SFT start included), logs/training_log.json (trl's metrics every ste
 """
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 
-from utils.cli import ConfigFlag, main_guard
-from utils.rl_trl import RLMethod, run_stage
+from utils.cli import ConfigFlag, main_guard, resolve_config
+from utils.rl_trl import RLMethod, run_stage, stage_parser_for
 
 GRPO = RLMethod(
     name="grpo", trainer_class="GRPOTrainer", config_class="GRPOConfig",
@@ -21,7 +21,8 @@ GRPO = RLMethod(
 
 
 def main() -> int:
-    return run_stage(GRPO, __doc__)
+    args = stage_parser_for(GRPO, __doc__).parse_args()
+    return run_stage(GRPO, args, resolve_config(args))
 
 
 if __name__ == "__main__":

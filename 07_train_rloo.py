@@ -11,8 +11,8 @@ rollouts each step, with their variance (summary in the manifest). Shared code: 
 """
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 
-from utils.cli import main_guard
-from utils.rl_trl import RLMethod, run_stage
+from utils.cli import main_guard, resolve_config
+from utils.rl_trl import RLMethod, run_stage, stage_parser_for
 
 RLOO = RLMethod(
     name="rloo", trainer_class="RLOOTrainer", config_class="RLOOConfig",
@@ -21,7 +21,8 @@ RLOO = RLMethod(
 
 
 def main() -> int:
-    return run_stage(RLOO, __doc__)
+    args = stage_parser_for(RLOO, __doc__).parse_args()
+    return run_stage(RLOO, args, resolve_config(args))
 
 
 if __name__ == "__main__":

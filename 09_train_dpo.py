@@ -19,13 +19,12 @@ from trl import DPOConfig, DPOTrainer
 
 from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, \
     upstream_dir
-from utils.finqa_data import hf_dataset, load_processed, read_jsonl
+from utils.finqa_data import hf_dataset, read_jsonl
 from utils.generation import settings_from_config
-from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base
+from utils.models import configure_torch, count_parameters, lora_config
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
-from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path, sft_adapter
+from utils.stage_inputs import add_policy_flags, policy_inputs
 from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 from utils.stages import STAGES
@@ -57,11 +56,8 @@ def preference_pairs(args, config, run) -> tuple[list[dict], list[dict], dict]:
 
 def main() -> int:
     parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
-    parser.add_argument("--policy_ckpt", default=None, help="starting policy, a LoRA adapter (default: this run's "
-                                                            "03_sft/ckpt_sft/best)")
+    add_policy_flags(parser)
     parser.add_argument("--prefs_dir", default=None, help="a completed 08_preferences folder (default: this run's)")
-    parser.add_argument("--reward_spec", default=None, help="reward weights for validation (default: this run's "
-                                                            "02_rewards)")
     args = parser.parse_args()
     config = resolve_config(args)
     algo, training = config["algorithm"], config["training"]
@@ -86,19 +82,12 @@ def main() -> int:
             raise StageError("pairs.jsonl holds no pairs (see 08_preferences/stats.txt for why)")
         if algo["preference_eval_max_pairs"]:
             heldout_pairs = heldout_pairs[: algo["preference_eval_max_pairs"]]
-        val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])
-        ckpt = run.add_input("policy", sft_adapter(args, config, "DPO"))
-        spec = reward_spec_path(args, config)
-        if spec:
-            run.add_input("reward_spec", spec)
-        tokenizer = load_tokenizer(config["model"]["path"])
-        compute = precision(config, device)
-        run.extra["precision"] = compute.record()
-        base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
-
-        checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, adapters)
-        validation = checkpoints.validation(val_rows, reward_calculator(spec), settings_from_config(config, sampled=False),
-                                            algo["eval_every_steps"], args.seed)
+        policy = policy_inputs(args, config, run, device, "DPO")
+        tokenizer = policy.tokenizer
+        checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, policy.adapters)
+        validation = checkpoints.validation(policy.val_rows, policy.calculator,
+                                            settings_from_config(config, sampled=False), algo["eval_every_steps"],
+                                            args.seed)
         eval_pairs = bool(heldout_pairs) and algo["eval_pairs_every_steps"] > 0
         dpo_config = DPOConfig(**trainer_arguments(
             config, out_dir, args.seed, device, tensorboard=algo["tensorboard"],
@@ -122,7 +111,7 @@ def main() -> int:
             prediction_loss_only=True,  # DPO's eval metrics come from the loss; logits would cost a forward pass
         ))
         columns = ["prompt", "chosen", "rejected"]
-        trainer = DPOTrainer(model=base, args=dpo_config, processing_class=tokenizer,
+        trainer = DPOTrainer(model=policy.base, args=dpo_config, processing_class=tokenizer,
                              train_dataset=hf_dataset(train_pairs, columns),
                              eval_dataset=hf_dataset(heldout_pairs, columns) if eval_pairs else None,
                              peft_config=lora_config(config),

@@ -39,16 +39,14 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
-from utils.cli import ConfigFlag, resolve_config, setup_logging, stage_dir, stage_parser
-from utils.finqa_data import hf_dataset, load_processed
+from utils.cli import ConfigFlag, setup_logging, stage_dir, stage_parser
+from utils.finqa_data import hf_dataset
 from utils.generation import settings_from_config
-from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_tokenizer, lora_config, merged_policy_base
+from utils.models import configure_torch, count_parameters, lora_config
 from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import stage_run, write_json_atomic
 from utils.stages import STAGES
-from utils.stage_inputs import TRAIN_PROMPT_FLAG, processed_split, reward_calculator, reward_spec_path, \
-    rl_train_rows, sft_adapter
+from utils.stage_inputs import TRAIN_PROMPT_FLAG, add_policy_flags, policy_inputs, rl_train_rows
 from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 
@@ -341,16 +339,16 @@ def expected_log_keys(algo: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 
-def run_stage(method: RLMethod, description: str) -> int:
-    """Parse the command line, train, save ckpt_<method>/{best,final}, logs, val_generations and the manifest."""
+def stage_parser_for(method: RLMethod, description: str):
+    """The command line of 06 / 07: every stage's flags, the policy's, the rollout budget's and the method's."""
+    parser = stage_parser(description, STAGES[method.name], config_flags=COMMON_FLAGS + tuple(method.flags))
+    add_policy_flags(parser)
+    return parser
+
+
+def run_stage(method: RLMethod, args, config: dict) -> int:
+    """Train; save ckpt_<method>/{best,final}, logs, val_generations and the manifest."""
     stage = STAGES[method.name]
-    parser = stage_parser(description, stage,
-                          config_flags=COMMON_FLAGS + tuple(method.flags))
-    parser.add_argument("--policy_ckpt", default=None, help="starting policy, a LoRA adapter (default: this run's "
-                                                            "03_sft/ckpt_sft/best)")
-    parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
-    args = parser.parse_args()
-    config = resolve_config(args)
     algo = config["algorithm"]
     budget = rollout_budget(config)
     out_dir = stage_dir(args, config, stage.key)
@@ -360,23 +358,15 @@ def run_stage(method: RLMethod, description: str) -> int:
     with stage_run(stage.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
         started = time.time()
         train_rows = rl_train_rows(args, config, run)
-        val_rows = load_processed(run.add_input("val", processed_split(config, "val")), algo["n_val_examples"])
-        ckpt = run.add_input("policy", sft_adapter(args, config, method.name.upper()))
-        spec = reward_spec_path(args, config)
-        if spec:
-            run.add_input("reward_spec", spec)
-        calculator = reward_calculator(spec)
-        tokenizer = load_tokenizer(config["model"]["path"])
-        compute = precision(config, device)
-        run.extra["precision"] = compute.record()
-        base, adapters = merged_policy_base(config, ckpt, device, compute.training_weights_dtype)
-
-        checkpoints = PolicyCheckpoints(out_dir, method.name, tokenizer, adapters)
-        validation = checkpoints.validation(val_rows, calculator, settings_from_config(config, sampled=False),
-                                            algo["eval_every_steps"], args.seed)
-        recorder = RewardRecorder(make_reward_functions(calculator), budget["num_generations"])
+        policy = policy_inputs(args, config, run, device, method.name.upper())
+        tokenizer, compute = policy.tokenizer, policy.compute
+        checkpoints = PolicyCheckpoints(out_dir, method.name, tokenizer, policy.adapters)
+        validation = checkpoints.validation(policy.val_rows, policy.calculator,
+                                            settings_from_config(config, sampled=False), algo["eval_every_steps"],
+                                            args.seed)
+        recorder = RewardRecorder(make_reward_functions(policy.calculator), budget["num_generations"])
         timer = StepTimer()
-        trainer = make_trainer(method, base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS),
+        trainer = make_trainer(method, policy.base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS),
                                [timer.timed(function, "reward") for function in recorder.functions],
                                trl_arguments(method, config, out_dir, args.seed, device),
                                [timer, JsonLogCallback(checkpoints.log_path), validation], lora_config(config))

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import ConfigFlag, upstream_dir
 from utils.finqa_data import OFFICIAL_TEST, OFFICIAL_TEST_FILE, load_processed, read_jsonl
-from utils.models import is_adapter, require_checkpoint
+from utils.compute import precision
+from utils.models import is_adapter, load_tokenizer, merged_policy_base, require_checkpoint
 from utils.reward import RewardCalculator, RewardWeights
 from utils.runs import StageError, is_completed
 
@@ -60,6 +62,47 @@ def sft_adapter(args, config: dict, method: str) -> Path:
         raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
                          f"{method} on a merged model is not supported")
     return ckpt
+
+
+def add_policy_flags(parser, starts_from: str = "a LoRA adapter") -> None:
+    """The flags of every stage that trains from the SFT model (05, 06, 07, 09)."""
+    parser.add_argument("--policy_ckpt", default=None, help=f"starting policy, {starts_from} (default: this run's "
+                                                            "03_sft/ckpt_sft/best)")
+    parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
+
+
+@dataclass
+class PolicyInputs:
+    """What a stage that trains a new adapter on the SFT model starts from."""
+
+    val_rows: list[dict]     # the validation slice (algorithm.n_val_examples)
+    checkpoint: Path         # the SFT adapter
+    reward_spec: Path | None
+    calculator: RewardCalculator
+    tokenizer: object
+    compute: object          # utils.compute.Precision
+    base: object             # the model with the SFT adapter merged (utils.models.merged_policy_base)
+    adapters: list           # the adapter stack a saved checkpoint names
+
+
+def policy_inputs(args, config: dict, run, device, method: str) -> PolicyInputs:
+    """Load what a method stage starts from; `run` (its stage_run, None on a process that does not write) records
+    the inputs and the precision."""
+    val_path = processed_split(config, "val")
+    checkpoint = sft_adapter(args, config, method)
+    spec = reward_spec_path(args, config)
+    if run is not None:
+        run.add_input("val", val_path)
+        run.add_input("policy", checkpoint)
+        if spec:
+            run.add_input("reward_spec", spec)
+    val_rows = load_processed(val_path, config["algorithm"]["n_val_examples"])
+    compute = precision(config, device)
+    if run is not None:
+        run.extra["precision"] = compute.record()
+    base, adapters = merged_policy_base(config, checkpoint, device, compute.training_weights_dtype)
+    return PolicyInputs(val_rows, checkpoint, spec, reward_calculator(spec), load_tokenizer(config["model"]["path"]),
+                        compute, base, adapters)
 
 
 TRAIN_PROMPT_FLAG = ConfigFlag("--train_prompts", "algorithm.train_prompts", str,

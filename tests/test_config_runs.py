@@ -84,3 +84,23 @@ def test_sha256_of_folders_changes_with_content(tmp_path):
     assert sha256_path(tmp_path / "d") != first
     with pytest.raises(StageError):
         sha256_path(tmp_path / "missing")
+
+
+def test_an_algo_config_given_instead_needs_only_what_it_changes(tmp_path, capsys):
+    from conftest import run_script
+
+    grpo = REPO / "configs" / "algorithms" / "grpo.yaml"
+    mine = tmp_path / "grpo_short.yaml"
+    mine.write_text("steps: 3\nbeta: 0.0\nquick_test:\n  steps: 1\n")
+    full, default = load_config(MODEL, mine, algo_defaults=grpo), load_config(MODEL, grpo)
+    assert full["algorithm"] == {**default["algorithm"], "steps": 3, "beta": 0.0}
+    quick, default_quick = (load_config(MODEL, mine, True, algo_defaults=grpo),
+                            load_config(MODEL, grpo, True))
+    assert quick["algorithm"] == {**default_quick["algorithm"], "steps": 1, "beta": 0.0}
+    assert full["algo_config_file"] == str(mine)
+    mine.write_text("steps: 3\nbetta: 0.0\n")
+    with pytest.raises(ConfigError, match="grpo_short.yaml: unknown key.s. betta"):
+        load_config(MODEL, mine, algo_defaults=grpo)
+    # a stage reading it says so in one line, before any model loads
+    assert run_script("06_train_grpo.py", "--algo_config", str(mine), "--output_dir", str(tmp_path / "g")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ") and not (tmp_path / "g").exists()

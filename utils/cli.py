@@ -50,7 +50,7 @@ def stage_parser(description: str, stage: Stage,
                         help="replace this stage's folder if it already holds a completed stage")
     for item in config_flags:
         parser.add_argument(item.flag, type=item.type, default=None, help=f"{item.help} (config: {item.key})")
-    parser.set_defaults(_config_flags=config_flags)
+    parser.set_defaults(_config_flags=config_flags, _algo_defaults=stage.algo_defaults)
     return parser
 
 
@@ -58,7 +58,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     plain_name(args.run_id, "--run_id")
     named = {item.key: getattr(args, item.flag.lstrip("-")) for item in args._config_flags}
     try:
-        return load_config(args.config, getattr(args, "algo_config", None), args.quick_test, args.overrides, named)
+        return load_config(args.config, getattr(args, "algo_config", None), args.quick_test, args.overrides, named,
+                           algo_defaults=args._algo_defaults)
     except ConfigError as err:  # a value given by a named flag: say which flag
         flag = next((item.flag for item in args._config_flags
                      if named[item.key] is not None and f"'{item.key}'" in str(err)), None)

@@ -230,14 +230,32 @@ def validate_values(config: dict, rules: dict = RULES) -> None:
             raise ConfigError(f"config key '{key}' {problem}, got {value!r}")
 
 
+def load_algorithm(algo_config: str | Path, defaults: str | Path | None = None) -> dict:
+    """A method's hyperparameters. With `defaults` (the stage's own YAML), a file given in its place needs only
+    the keys it changes: every other key, and every quick_test key it does not set, comes from the defaults, so a
+    default lives in one place. A key the defaults do not have is an error naming the file."""
+    data = load_yaml(algo_config)
+    if defaults is None or Path(defaults).resolve() == Path(algo_config).resolve():
+        return data
+    base = load_yaml(defaults)
+    unknown = [key for key in data if key not in base] + \
+        [f"{QUICK_TEST_KEY}.{key}" for key in (data.get(QUICK_TEST_KEY) or {}) if key not in base]
+    if unknown:
+        raise ConfigError(f"{algo_config}: unknown key(s) {', '.join(unknown)} (the keys are those of {defaults})")
+    quick = {**(base.get(QUICK_TEST_KEY) or {}), **(data.get(QUICK_TEST_KEY) or {})}
+    return {**base, **data, QUICK_TEST_KEY: quick}
+
+
 def load_config(model_config: str | Path, algo_config: str | Path | None = None, quick_test: bool = False,
-                overrides: Iterable[str] = (), named: dict[str, Any] | None = None) -> dict:
-    """The fully resolved configuration of a stage (what its manifest records)."""
+                overrides: Iterable[str] = (), named: dict[str, Any] | None = None,
+                algo_defaults: str | Path | None = None) -> dict:
+    """The fully resolved configuration of a stage (what its manifest records). algo_defaults: the stage's own
+    algorithm YAML, which fills the keys a different --algo_config leaves out."""
     config = _with_quick_test(load_yaml(model_config), quick_test)
     validate_model_config(config, model_config)
     config["model_config_file"] = str(model_config)
     if algo_config is not None:
-        config["algorithm"] = _with_quick_test(load_yaml(algo_config), quick_test, "algorithm.")
+        config["algorithm"] = _with_quick_test(load_algorithm(algo_config, algo_defaults), quick_test, "algorithm.")
         config["algo_config_file"] = str(algo_config)
     try:
         config = apply_overrides(config, overrides, named)

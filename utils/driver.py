@@ -237,7 +237,8 @@ class Resolver:
             try:
                 if spec.is_model_stage:
                     self._base[spec.name] = load_config(self.settings.config, self.algo[spec.name],
-                                                        self.settings.quick_test)
+                                                        self.settings.quick_test,
+                                                        algo_defaults=spec.stage.algo_defaults)
                 else:
                     self._base[spec.name] = comparison_config(self.comparison_inputs, [])
             except (ConfigError, StageError) as err:
@@ -291,7 +292,7 @@ class Resolver:
             raise base
         if spec.is_model_stage:
             return load_config(self.settings.config, self.algo[spec.name], self.settings.quick_test,
-                               self.overrides[spec.name])
+                               self.overrides[spec.name], algo_defaults=spec.stage.algo_defaults)
         return comparison_config(self.comparison_inputs, self.overrides[spec.name])
 
     def stage_dir(self, spec: StageSpec) -> Path:

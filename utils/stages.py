@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -35,6 +37,11 @@ class Stage:
     @property
     def number(self) -> str:
         return self.folder[:2]
+
+    @property
+    def algo_defaults(self) -> Path | None:
+        """Its algorithm YAML wherever the command runs from: the defaults of any --algo_config given instead."""
+        return REPO_ROOT / self.algo_config if self.algo_config else None
 
     @property
     def manifest_name(self) -> str:

@@ -211,6 +211,14 @@ def test_stage_rejects_bad_input(run_stage, tmp_path, capsys):
     assert run_stage("01_prepare_dataset.py") == 0
     assert run_stage("07_train_rloo.py", "--quick_test", "--policy_ckpt", str(not_adapter)) == 1
     assert "expected a LoRA adapter folder" in capsys.readouterr().err
+    # vLLM rollouts on a CPU: an error before anything is written, never a fall-back to trl's generate
+    for script in ("06_train_grpo.py", "07_train_rloo.py"):
+        out = tmp_path / f"vllm_{script}"
+        assert run_stage(script, "--quick_test", "--set", "algorithm.use_vllm=true", "--output_dir", str(out)) == 1
+        assert "algorithm.use_vllm: vLLM generation needs a CUDA GPU" in capsys.readouterr().err
+        assert not out.exists()
+    assert run_stage("06_train_grpo.py", "--quick_test", "--set", "algorithm.vllm_mode=remote") == 1
+    assert "'algorithm.vllm_mode' must be one of colocate, server" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------

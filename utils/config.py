@@ -205,6 +205,8 @@ RULES = {
     "algorithm.top_p": number(0, 1, low_open=True, null=True),
     "algorithm.scale_rewards": one_of("group", "batch", "none"),
     "algorithm.train_prompts": one_of("all", "mixed"),
+    "algorithm.use_vllm": one_of(True, False), "algorithm.vllm_mode": one_of("colocate", "server"),
+    "algorithm.vllm_gpu_memory_utilization": number(0, 1, low_open=True),
     "algorithm.rollout_batch_size": COUNT, "algorithm.mini_batch_size": COUNT,
     "algorithm.gradient_accumulation_steps": COUNT, "algorithm.ppo_epochs": COUNT,
     "algorithm.clip_range": POSITIVE, "algorithm.cliprange_value": POSITIVE, "algorithm.vf_coef": number(0),

@@ -31,6 +31,7 @@ when num_iterations > 1.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from utils.cli import ConfigFlag, setup_logging, stage_dir, stage_parser
+from utils.config import ConfigError
 from utils.finqa_data import hf_dataset
 from utils.generation import settings_from_config
 from utils.models import configure_torch, count_parameters, lora_config
@@ -67,7 +69,8 @@ LOG_KEYS = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "frac_
             *(f"rewards/reward_{name}/{stat}" for name in COMPONENTS for stat in ("mean", "std")))
 # algorithm keys trl's GRPOConfig and RLOOConfig take under the same name
 TRL_KEYS = ("learning_rate", "lr_scheduler_type", "max_grad_norm", "beta", "epsilon", "num_iterations",
-            "mask_truncated_completions", "disable_dropout", "logging_steps")
+            "mask_truncated_completions", "disable_dropout", "logging_steps", "use_vllm", "vllm_mode",
+            "vllm_gpu_memory_utilization")
 CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # GRPO loss types that log clip_ratio/*
 
 
@@ -339,6 +342,18 @@ def expected_log_keys(algo: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 
+def require_vllm_if_asked(algo: dict, device) -> None:
+    """algorithm.use_vllm on a machine that cannot run vLLM is an error, never a silent fall-back to generate."""
+    if not algo["use_vllm"]:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"algorithm.use_vllm: vLLM generation needs a CUDA GPU and this stage runs on {device.type} "
+                          f"(set algorithm.use_vllm=false)")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("algorithm.use_vllm: the vllm package is not installed (pip install vllm, or set "
+                          "algorithm.use_vllm=false)")
+
+
 def stage_parser_for(method: RLMethod, description: str):
     """The command line of 06 / 07: every stage's flags, the policy's, the rollout budget's and the method's."""
     parser = stage_parser(description, STAGES[method.name], config_flags=COMMON_FLAGS + tuple(method.flags))
@@ -354,6 +369,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
     out_dir = stage_dir(args, config, stage.key)
     setup_logging()
     device = configure_torch(config)
+    require_vllm_if_asked(algo, device)
 
     with stage_run(stage.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
         started = time.time()

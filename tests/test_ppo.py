@@ -264,3 +264,26 @@ def test_ppo_stage_then_evaluate(run_stage, one_thread):
     evaluation = read_manifest(run_stage.stage_dir("10_evaluation") / "ppo")
     assert evaluation["status"] == "completed"
     assert evaluation["checkpoint"].endswith("05_ppo/ckpt_ppo/final")
+
+    # the same stage on two processes (torchrun, gloo on the CPU) through the driver's --launcher: one manifest and
+    # one checkpoint, written by the main process, with both processes' rollouts counted
+    from utils.driver import main as driver_main
+
+    out_lines: list[str] = []
+    driver = ["--method", "ppo", "--quick_test", *run_stage.base, "--stages", "05_ppo"]
+    two = ["--launcher", "torchrun --standalone --nproc_per_node 2"]
+    assert driver_main([*driver, *two], echo=out_lines.append) == 0, "".join(out_lines)
+    assert "ran on 1 process(es), --launcher asks for 2" in "".join(out_lines)
+    manifest = read_manifest(out)
+    assert manifest["status"] == "completed" and manifest["metrics"]["processes"] == 2
+    assert manifest["metrics"]["total_completions"] == 2 * 2 * 4  # 2 steps x 2 processes x 4 prompts each
+    assert (out / "ckpt_ppo" / "final" / "value_head.pt").is_file()
+    run_manifest = json.loads((run_stage.root / "outputs" / "run_001" / "run_manifest.json").read_text())
+    assert run_manifest["launcher"] == {"command": "torchrun --standalone --nproc_per_node 2", "processes": 2,
+                                        "stages": ["05_ppo"]}
+    out_lines.clear()
+    assert driver_main([*driver, *two, "--dry_run"], echo=out_lines.append) == 0
+    assert "0 to run, 1 up to date" in "".join(out_lines)
+    out_lines.clear()
+    assert driver_main([*driver, "--dry_run"], echo=out_lines.append) == 0
+    assert "ran on 2 process(es), --launcher asks for 1" in "".join(out_lines)

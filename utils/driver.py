@@ -201,6 +201,21 @@ class DriverSettings:
     overrides: list[str] = field(default_factory=list)       # as given on the command line
     stage_configs: list[str] = field(default_factory=list)   # STAGE=FILE
     preset: list[str] = field(default_factory=list)          # --preset's --set entries, applied first
+    launcher: str | None = None                              # --launcher, for the stages that run under one
+
+    @property
+    def processes(self) -> int | None:
+        """The processes --launcher asks for (1 without a launcher; None when it does not say)."""
+        if not self.launcher:
+            return 1
+        parts = shlex.split(self.launcher)
+        for flag in ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node"):
+            if flag in parts[:-1]:
+                return int(parts[parts.index(flag) + 1])
+            given = [p for p in parts if p.startswith(flag + "=")]
+            if given:
+                return int(given[0].split("=", 1)[1])
+        return None
 
 
 class Resolver:
@@ -301,6 +316,14 @@ class Resolver:
     def command(self, spec: StageSpec, mode: str) -> list[str]:
         script = spec.script if Path.cwd().resolve() == REPO_ROOT else str(REPO_ROOT / spec.script)
         cmd = [sys.executable, script]
+        if self.settings.launcher and spec.stage.multi_process:
+            launcher = shlex.split(self.settings.launcher)
+            # this Python's accelerate / torchrun, whether the environment is activated or not
+            if launcher[:2] == ["accelerate", "launch"]:
+                launcher = [sys.executable, "-m", "accelerate.commands.launch", *launcher[2:]]
+            elif launcher[:1] == ["torchrun"]:
+                launcher = [sys.executable, "-m", "torch.distributed.run", *launcher[1:]]
+            cmd = [*launcher, script]
         if spec.is_model_stage:
             cmd += ["--config", self.settings.config]
             if self.algo[spec.name]:
@@ -437,6 +460,11 @@ def decide(resolver: Resolver, spec: StageSpec, rerun_upstream: set[str], forced
     if spec.key == "comparison" and check.manifest is not None:
         check.reasons += comparison_changes(check.manifest, config)
         check.fresh = not check.reasons
+    if spec.stage.multi_process and check.manifest is not None:  # the processes change its results
+        recorded = (check.manifest.get("metrics") or {}).get("processes")
+        wanted = resolver.settings.processes
+        if recorded is not None and wanted is not None and recorded != wanted:
+            check.reasons.append(f"ran on {recorded} process(es), --launcher asks for {wanted}")
     depends = set(spec.depends) | dynamic_depends(check.manifest, earlier)
     upstream = sorted(depends & rerun_upstream)
     reasons = list(check.reasons)
@@ -749,6 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="re-run these stages even when up to date (what reads their outputs re-runs if "
                              "they changed)")
     parser.add_argument("--no_base_eval", action="store_true", help="do not evaluate the untrained base model")
+    parser.add_argument("--launcher", default=None, metavar="COMMAND",
+                        help="run the stages that support several processes (utils/stages.py: multi_process) "
+                             "under this launcher: \"accelerate launch --num_processes 8\" on GPUs, \"torchrun "
+                             "--nproc_per_node 2\" on a CPU (accelerate launch --cpu starts one process)")
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help="configs/presets/NAME.yaml (or a YAML path): --set entries applied before the command "
                              "line's; `cpu` is the study on a 2-core CPU")
@@ -786,7 +818,11 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
     methods = parse_methods(args.method)
     preset_path, preset = preset_overrides(args.preset) if args.preset else (None, [])
     settings = DriverSettings(args.config, args.run_id, args.seed, args.quick_test, args.overrides,
-                              args.stage_config, preset)
+                              args.stage_config, preset, args.launcher)
+    try:
+        settings.processes
+    except (ValueError, IndexError):
+        raise UsageError(f"--launcher {args.launcher!r}: the process count needs a whole number") from None
     full_plan, resolver = plan_and_resolver(methods, settings, base_eval=not args.no_base_eval)
     specs = select_stages(full_plan, args.stages, args.until)
     rerun = {spec.name for sel in (args.rerun or "").split(",") if sel.strip()
@@ -808,6 +844,9 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
             manifest = RunManifest(resolver.run_root, ["12_driver.py", *argv], methods, decisions)
             if preset_path:
                 manifest.data["preset"] = {"name": args.preset, "file": str(preset_path), "set": preset}
+            if args.launcher:
+                manifest.data["launcher"] = {"command": args.launcher, "processes": settings.processes,
+                                             "stages": [d.spec.name for d in decisions if d.spec.stage.multi_process]}
             manifest.write()
             return execute(resolver, decisions, manifest, echo, rerun)
     finally:

@@ -33,6 +33,7 @@ class Stage:
     trains: bool = False               # its wall time counts as training compute in 11's report
     variant_of: str | None = None      # the method whose script and YAML it runs, with `overrides`
     overrides: tuple[str, ...] = ()    # KEY=VALUE, as --set
+    multi_process: bool = False        # runs under the driver's --launcher (e.g. accelerate launch --num_processes N)
 
     @property
     def number(self) -> str:
@@ -64,7 +65,8 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     Stage("sft", "03_sft", "03_sft_train.py", "configs/algorithms/sft.yaml", "ckpt_sft/best", _DATA,
           resume=("ckpt_sft/checkpoints/checkpoint-*", "--resume"), trains=True),
     Stage("candidates", "04_candidates", "04_generate_candidates.py", reads=(*_DATA, "sft"), trains=True),
-    Stage("ppo", "05_ppo", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL),
+    Stage("ppo", "05_ppo", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL,
+          multi_process=True),  # rollouts per process, gradients averaged by accelerate, the main process writes
     Stage("grpo", "06_grpo", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL),
     Stage("rloo", "07_rloo", "07_train_rloo.py", "configs/algorithms/rloo.yaml", "ckpt_rloo/final", **_RL),
     # 08 reads its pairing rules from dpo.yaml (algorithm.preferences)

@@ -5,11 +5,11 @@ the gold program and answer, exe_ans and the table. The context (utils/contexts.
 (data.context_mode: gold), the whole report cut to data.max_prompt_tokens (full), or the question's
 data.retrieval_top_k best sentences and table rows by BM25 within the same budget (retrieved); the manifest
 records, per split, how much of the gold evidence the contexts kept. official_test.jsonl (FinQA's real test
-split) is built too where data.raw_dir holds official_test.json, in the full and retrieved settings only. Train entries that cannot be used (bad schema,
-or a gold program that does not reproduce exe_ans) are skipped, counted and listed by id in the manifest. Val
-and test are never made smaller: an entry that cannot be prompted there is an error naming the ids, and an
-entry whose gold program does not reproduce exe_ans is kept (FinQA's official evaluation scores it) and listed.
-An id must name one entry: a split with duplicate ids is refused.
+split) is built too where data.raw_dir holds official_test.json, in the full and retrieved settings only. Train
+entries that cannot be used (bad schema, or a gold program that does not reproduce exe_ans) are skipped, counted
+and listed by id in the manifest. Val and test are never made smaller: an entry that cannot be prompted there is
+an error naming the ids, and an entry whose gold program does not reproduce exe_ans is kept (FinQA's official
+evaluation scores it) and listed. An id must name one entry: a split with duplicate ids is refused.
 """
 import hashlib
 import json

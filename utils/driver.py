@@ -22,6 +22,11 @@ Flag pass-through (`--set`, repeatable, applied in the order given):
                                 08 and 09 both read dpo.yaml: --stage_config 08=F --stage_config 09=F.
 11_compare_runs.py has its own keys (baseline, n_bootstrap, confidence): --set 11.n_bootstrap=500.
 paths.outputs_dir may only be set for every stage at once (the run folder must be one place).
+  --preset NAME                 configs/presets/NAME.yaml's `set:` entries before the command line's (which
+                                win); those for stages outside the plan are left out. `--preset cpu`: the study.
+  --launcher COMMAND            the stages that run on several processes (utils/stages.py multi_process: 05)
+                                under COMMAND, e.g. "torchrun --standalone --nproc_per_node 2" on a CPU or
+                                "accelerate launch --num_processes 8" on GPUs; a different process count re-runs them.
 
 Skip rules, evaluated in plan order. A stage is up to date when all of these hold:
   1. its manifest.json says completed;
@@ -787,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PRESETS_DIR = Path("configs/presets")
+PRESETS_DIR = REPO_ROOT / "configs" / "presets"
 
 
 def preset_overrides(name: str) -> tuple[Path, list[str]]:

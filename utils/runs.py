@@ -25,9 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from utils.stages import STAGE_FOLDERS  # noqa: F401  (the run layout, declared in utils/stages.py)
+from utils.stages import REPO_ROOT, STAGE_FOLDERS  # noqa: F401  (the run layout, declared in utils/stages.py)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "manifest.json"
 
 

@@ -12,10 +12,9 @@ survived (an entry whose needed row was cut cannot be answered, whatever the mod
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
-
-import logging
 
 import bm25s
 
@@ -54,10 +53,12 @@ def gold_context(entry: dict) -> Context:
     return Context("\n".join(text.strip() for text in gold.values()), set(gold))
 
 
-def _render(entry: dict, text_keys: set[str], row_indices: list[int] | None) -> str:
-    """Kept sentences around the kept table rows (None: no table part), all in the report's order."""
+def _render(entry: dict, report: list[tuple[str, str, str]], text_keys: set[str],
+            row_indices: list[int] | None) -> str:
+    """The kept sentences of `report` (sentences(entry)) around the kept table rows (None: no table part), all
+    in the report's order."""
     kept = {"pre_text": [], "post_text": []}
-    for key, source, sentence in sentences(entry):
+    for key, source, sentence in report:
         if key in text_keys:
             kept[source].append(sentence)
     table_lines = [] if row_indices is None else \
@@ -91,7 +92,7 @@ def full_context(entry: dict, count_tokens: CountTokens, budget: int) -> Context
             text_keys.add(key)
             used += cost
     rows = list(range(len(entry["table"])))
-    return Context(_render(entry, text_keys, rows), text_keys | {f"table_{i}" for i in rows})
+    return Context(_render(entry, items, text_keys, rows), text_keys | {f"table_{i}" for i in rows})
 
 
 def _search_tokens(texts: list[str]) -> list[list[str]]:
@@ -104,20 +105,20 @@ def retrieved_context(entry: dict, count_tokens: CountTokens, budget: int, top_k
     A table row is searched with the header's words added (a question names the year of a column), and shown
     as the row itself. Items are taken best first while they fit in the budget; ties keep the report's order.
     """
-    table = entry["table"]
-    header = table_row_text(table[0]) if table else ""
-    items = [(key, sentence) for key, _, sentence in sentences(entry)]
-    items += [(f"table_{i}", f"{table_row_text(row)} {header}") for i, row in enumerate(table) if i > 0]
+    table, report = entry["table"], sentences(entry)
+    shown = {key: text for key, _, text in report}
+    shown.update({f"table_{i}": table_row_text(row) for i, row in enumerate(table)})
+    header = shown.get("table_0", "")
+    items = [(key, sentence) for key, _, sentence in report]
+    items += [(f"table_{i}", f"{shown[f'table_{i}']} {header}") for i in range(1, len(table))]
     header_keys = ["table_0"] if table else []
     if not items:
-        return Context(_render(entry, set(), [0] if table else None), set(header_keys))
+        return Context(_render(entry, report, set(), [0] if table else None), set(header_keys))
     retriever = bm25s.BM25()
     retriever.index(_search_tokens([text for _, text in items]), show_progress=False)
     scores = retriever.get_scores(_search_tokens([entry["qa"]["question"]])[0])
     ranked = sorted(range(len(items)), key=lambda i: (-float(scores[i]), i))[:top_k]
 
-    shown = {key: text for key, _, text in sentences(entry)}
-    shown.update({f"table_{i}": table_row_text(row) for i, row in enumerate(table)})
     heading = ["Table:"] + [shown[key] for key in header_keys] if table else []
     costs = [n + 1 for n in count_tokens(heading + [shown[items[i][0]] for i in ranked])]
     used = sum(costs[:len(heading)])  # the "Table:" line and the header are always shown
@@ -128,7 +129,8 @@ def retrieved_context(entry: dict, count_tokens: CountTokens, budget: int, top_k
             kept.add(key)
             used += cost
     rows = sorted(int(key.split("_")[1]) for key in kept if key.startswith("table_"))
-    return Context(_render(entry, {k for k in kept if k.startswith("text_")}, rows if table else None), kept)
+    return Context(_render(entry, report, {k for k in kept if k.startswith("text_")}, rows if table else None),
+                   kept)
 
 
 def build_context(entry: dict, mode: str, count_tokens: CountTokens, budget: int, top_k: int) -> Context:

@@ -64,9 +64,9 @@ def sft_adapter(args, config: dict, method: str) -> Path:
     return ckpt
 
 
-def add_policy_flags(parser, starts_from: str = "a LoRA adapter") -> None:
+def add_policy_flags(parser) -> None:
     """The flags of every stage that trains from the SFT model (05, 06, 07, 09)."""
-    parser.add_argument("--policy_ckpt", default=None, help=f"starting policy, {starts_from} (default: this run's "
+    parser.add_argument("--policy_ckpt", default=None, help="starting policy, a LoRA adapter (default: this run's "
                                                             "03_sft/ckpt_sft/best)")
     parser.add_argument("--reward_spec", default=None, help="reward weights (default: this run's 02_rewards)")
 

@@ -4,7 +4,6 @@ Trains on train.jsonl in the model's chat template; every algorithm.eval_every_s
 val.jsonl, scores it with the reward calculator (valid_samples/step_N.json) and keeps ckpt_sft/best by val
 reward; ckpt_sft/final is the last step. --resume continues an interrupted run from its last checkpoint.
 """
-import json
 from pathlib import Path
 
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
@@ -14,11 +13,11 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
 from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_model, load_tokenizer, lora_config, save_adapter
-from utils.runs import is_completed, stage_run, write_json_atomic
+from utils.models import configure_torch, count_parameters, load_model, load_tokenizer, lora_config
+from utils.runs import is_completed, stage_run
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
-from utils.training import trainer_arguments
-from utils.validation import JsonLogCallback, ValidationCallback
+from utils.training import SCHEDULE_KEYS, trainer_arguments
+from utils.validation import JsonLogCallback, PolicyCheckpoints
 from utils.stages import STAGES
 
 STAGE = STAGES["sft"]
@@ -66,38 +65,24 @@ def main() -> int:
         run.extra["precision"] = compute.record()
         model = load_model(config["model"]["path"], device=device, dtype=compute.training_weights_dtype)
 
-        ckpt_dir, trainer_dir = out_dir / "ckpt_sft", out_dir / "ckpt_sft" / "checkpoints"
-        best_file = ckpt_dir / "best" / "val_summary.json"
-
-        def save_best(model, summary):
-            save_adapter(model, tokenizer, ckpt_dir / "best", adapters=[])
-            write_json_atomic(best_file, summary)
-
-        callbacks = [JsonLogCallback(out_dir / "logs" / "training_log.json")]
+        checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, adapters=[], val_folder="valid_samples")
+        trainer_dir = checkpoints.ckpt_dir / "checkpoints"
+        callbacks = [JsonLogCallback(checkpoints.log_path)]
         validation = None
         if not args.skip_validation:
-            best_reward = json.loads(best_file.read_text())["mean_reward"] if args.resume and best_file.is_file() else None
-            validation = ValidationCallback(tokenizer, val_rows, reward_calculator(spec),
-                                            settings_from_config(config, sampled=False),
-                                            out_dir / "valid_samples", algo["eval_every_steps"], args.seed,
-                                            on_best=save_best, best_reward=best_reward)
+            validation = checkpoints.validation(val_rows, reward_calculator(spec),
+                                                settings_from_config(config, sampled=False), algo["eval_every_steps"],
+                                                args.seed, best_reward=checkpoints.best_reward_saved() if args.resume
+                                                else None)
             callbacks.append(validation)
 
         sft_config = SFTConfig(**trainer_arguments(
-            config, out_dir, args.seed, device, tensorboard=algo["tensorboard"],
+            config, out_dir, args.seed, device, SFTConfig,
+            algorithm_keys=SCHEDULE_KEYS + ("save_every_steps", "save_total_limit"),
             output_dir=str(trainer_dir),
-            num_train_epochs=algo["epochs"],
-            max_steps=algo["max_steps"],
-            lr_scheduler_type=algo["lr_scheduler_type"],
-            warmup_steps=algo["warmup_ratio"],  # a float < 1 is a ratio of the steps
-            weight_decay=algo["weight_decay"],
-            max_grad_norm=algo["max_grad_norm"],
             max_length=training["max_seq_length"],
             completion_only_loss=True,
-            logging_steps=algo["logging_steps"],
             save_strategy="steps",
-            save_steps=algo["save_every_steps"],
-            save_total_limit=algo["save_total_limit"],
             include_num_input_tokens_seen=True,
         ))
         trainer = SFTTrainer(model=model, args=sft_config, processing_class=tokenizer,
@@ -108,13 +93,7 @@ def main() -> int:
             log.info("resuming from %s", resume_from or "the start (no checkpoint yet)")
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-        save_adapter(trainer.model, tokenizer, ckpt_dir / "final", adapters=[])
-        if validation is None:
-            save_adapter(trainer.model, tokenizer, ckpt_dir / "best", adapters=[])
-        run.add_output("ckpt_best", ckpt_dir / "best")
-        run.add_output("ckpt_final", ckpt_dir / "final")
-        run.add_output("training_log", out_dir / "logs" / "training_log.json")
-        run.add_output("valid_samples", out_dir / "valid_samples")
+        figures = checkpoints.finish(run, trainer.model, validation)
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         run.metrics.update({
             "train_examples": len(train_rows), "steps": trainer.state.global_step,
@@ -123,9 +102,9 @@ def main() -> int:
             "parameters": count_parameters(trainer.model),
             "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
         })
-        if validation is not None:
-            run.metrics["validation"] = validation.history
-            run.metrics["best_val_reward"] = validation.best_reward
+        if validation is not None:  # SFT validates from its first eval step on, so no start figure; a resumed
+            # run's best may be from before the interruption
+            run.metrics.update({"validation": figures["validation"], "best_val_reward": validation.best_reward})
         log.info("SFT done: %d steps, final loss %s", trainer.state.global_step, run.metrics["final_loss"])
     return 0
 

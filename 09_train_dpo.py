@@ -25,7 +25,7 @@ from utils.models import configure_torch, count_parameters, lora_config
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import add_policy_flags, policy_inputs
-from utils.training import trainer_arguments
+from utils.training import SCHEDULE_KEYS, trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 from utils.stages import STAGES
 
@@ -90,20 +90,11 @@ def main() -> int:
                                             args.seed)
         eval_pairs = bool(heldout_pairs) and algo["eval_pairs_every_steps"] > 0
         dpo_config = DPOConfig(**trainer_arguments(
-            config, out_dir, args.seed, device, tensorboard=algo["tensorboard"],
+            config, out_dir, args.seed, device, DPOConfig,
+            algorithm_keys=SCHEDULE_KEYS + ("learning_rate", "beta", "loss_weights"),
             output_dir=str(checkpoints.ckpt_dir / "checkpoints"),
-            num_train_epochs=algo["epochs"],
-            max_steps=algo["max_steps"],
-            learning_rate=algo["learning_rate"],
-            lr_scheduler_type=algo["lr_scheduler_type"],
-            warmup_steps=algo["warmup_ratio"],  # a float < 1 is a ratio of the steps
-            weight_decay=algo["weight_decay"],
-            max_grad_norm=algo["max_grad_norm"],
             max_length=max_length,
-            beta=algo["beta"],
             loss_type=loss_types,
-            loss_weights=algo["loss_weights"],
-            logging_steps=algo["logging_steps"],
             save_strategy="no",
             eval_strategy="steps" if eval_pairs else "no",
             eval_steps=algo["eval_pairs_every_steps"] if eval_pairs else None,

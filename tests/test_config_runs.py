@@ -104,3 +104,22 @@ def test_an_algo_config_given_instead_needs_only_what_it_changes(tmp_path, capsy
     # a stage reading it says so in one line, before any model loads
     assert run_script("06_train_grpo.py", "--algo_config", str(mine), "--output_dir", str(tmp_path / "g")) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ") and not (tmp_path / "g").exists()
+
+
+def test_algorithm_yaml_becomes_trl_arguments_with_renames_and_clear_errors():
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    from utils.training import SCHEDULE_KEYS, algorithm_arguments
+
+    sft = load_config(MODEL, SFT, overrides=["algorithm.epochs=2", "algorithm.warmup_ratio=0.25"])["algorithm"]
+    arguments = algorithm_arguments(SFTConfig, sft, SCHEDULE_KEYS + ("save_every_steps",))
+    assert arguments["num_train_epochs"] == 2 and arguments["warmup_steps"] == 0.25
+    assert arguments["save_steps"] == sft["save_every_steps"] and "epochs" not in arguments
+    SFTConfig(output_dir="unused", use_cpu=True, **arguments)  # trl takes every one of them
+    with pytest.raises(ConfigError, match=r"algorithm.beta: .*SFTConfig has no argument 'beta'"):
+        algorithm_arguments(SFTConfig, {**sft, "beta": 0.1}, ("beta",))
+    with pytest.raises(ConfigError, match="algorithm.loss_weights: missing"):
+        algorithm_arguments(DPOConfig, sft, ("loss_weights",))
+    grpo = load_config(MODEL, REPO / "configs" / "algorithms" / "grpo.yaml")["algorithm"]
+    from utils.rl_trl import TRL_KEYS
+    assert set(algorithm_arguments(GRPOConfig, grpo, TRL_KEYS + ("loss_type",))) >= {"beta", "warmup_steps"}

@@ -67,10 +67,10 @@ COMMON_FLAGS = (
 LOG_KEYS = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "frac_reward_zero_std", "entropy",
             "completions/mean_length", "completions/clipped_ratio",
             *(f"rewards/reward_{name}/{stat}" for name in COMPONENTS for stat in ("mean", "std")))
-# algorithm keys trl's GRPOConfig and RLOOConfig take under the same name
-TRL_KEYS = ("learning_rate", "lr_scheduler_type", "max_grad_norm", "beta", "epsilon", "num_iterations",
-            "mask_truncated_completions", "disable_dropout", "logging_steps", "use_vllm", "vllm_mode",
-            "vllm_gpu_memory_utilization")
+# algorithm keys handed to trl's GRPOConfig and RLOOConfig (utils.training.algorithm_arguments)
+TRL_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "beta", "epsilon",
+            "num_iterations", "mask_truncated_completions", "disable_dropout", "logging_steps", "use_vllm",
+            "vllm_mode", "vllm_gpu_memory_utilization")
 CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # GRPO loss types that log clip_ratio/*
 
 
@@ -289,11 +289,13 @@ def micro_batch_size(config: dict, completions_per_step: int) -> int:
 
 def trl_arguments(method: RLMethod, config: dict, out_dir: Path, seed: int, device) -> dict:
     """Keyword arguments for trl's GRPOConfig / RLOOConfig."""
-    algo = config["algorithm"]
+    import trl
+
     budget = rollout_budget(config)
     micro = micro_batch_size(config, budget["completions_per_step"])
     return trainer_arguments(
-        config, out_dir, seed, device, tensorboard=algo["tensorboard"],
+        config, out_dir, seed, device, getattr(trl, method.config_class),
+        algorithm_keys=TRL_KEYS + method.method_keys,
         output_dir=str(out_dir / f"ckpt_{method.name}" / "checkpoints"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=budget["completions_per_step"] // micro,  # one generation batch per step
@@ -303,10 +305,7 @@ def trl_arguments(method: RLMethod, config: dict, out_dir: Path, seed: int, devi
         temperature=budget["temperature"],
         top_p=budget["top_p"],
         top_k=0,
-        warmup_steps=algo["warmup_ratio"],  # a float < 1 is a ratio of the steps
         save_strategy="no",
-        **{key: algo[key] for key in TRL_KEYS},
-        **{key: algo[key] for key in method.method_keys},
     )
 
 

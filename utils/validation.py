@@ -2,8 +2,8 @@
 
 One routine for every training stage: SFT writes valid_samples/step_N.json, the RL and DPO stages write
 val_generations/step_N.json, all with the same fields (parse rate, program validity, execution accuracy,
-mean reward, and each sample). PolicyCheckpoints is the part of a method stage (05, 06, 07, 09) that is the same
-in each: its best/final checkpoints, its validation and the validation figures of its manifest.
+mean reward, and each sample). PolicyCheckpoints is the part of a training stage (03, 05, 06, 07, 09) that is the
+same in each: its best/final checkpoints, its validation and the validation figures of its manifest.
 """
 from __future__ import annotations
 
@@ -88,39 +88,51 @@ class ValidationCallback(TrainerCallback):
 
 
 class PolicyCheckpoints:
-    """What every method stage (05, 06, 07, 09) writes the same way: ckpt_<key>/best (the best validation so far,
-    the SFT start included), ckpt_<key>/final, each with its val_summary.json, validation every `every` steps
-    into val_generations/, and the manifest's validation figures. `save_extra(model, dest)` adds a stage's own
-    files to each checkpoint (PPO's value head)."""
+    """What every training stage (03, 05, 06, 07, 09) writes the same way: ckpt_<key>/best (the best validation so
+    far; for a method stage the SFT start included), ckpt_<key>/final, each with its val_summary.json, validation
+    every `every` steps into <val_folder>/ (SFT's is valid_samples/, the methods' val_generations/), and the
+    manifest's outputs and validation figures. `save_extra(model, dest)` adds a stage's own files to each checkpoint
+    (PPO's value head)."""
 
-    def __init__(self, out_dir: Path, key: str, tokenizer, adapters: list, save_extra: Callable | None = None):
+    def __init__(self, out_dir: Path, key: str, tokenizer, adapters: list, save_extra: Callable | None = None,
+                 val_folder: str = "val_generations"):
         self.out_dir, self.tokenizer, self.adapters, self.save_extra = Path(out_dir), tokenizer, adapters, save_extra
         self.ckpt_dir = self.out_dir / f"ckpt_{key}"
-        self.val_dir = self.out_dir / "val_generations"
+        self.val_dir = self.out_dir / val_folder
         self.log_path = self.out_dir / "logs" / "training_log.json"
 
-    def save(self, model, name: str, summary: dict) -> None:
+    def save(self, model, name: str, summary: dict | None) -> None:
         dest = self.ckpt_dir / name
         save_adapter(model, self.tokenizer, dest, adapters=self.adapters)
         if self.save_extra is not None:
             self.save_extra(model, dest)
-        write_json_atomic(dest / "val_summary.json", summary)
+        if summary is not None:
+            write_json_atomic(dest / "val_summary.json", summary)
+
+    def best_reward_saved(self) -> float | None:
+        """The mean reward of the best checkpoint an interrupted run saved (so a resumed run keeps it unless beaten)."""
+        summary = self.ckpt_dir / "best" / "val_summary.json"
+        return json.loads(summary.read_text())["mean_reward"] if summary.is_file() else None
 
     def validation(self, rows: list[dict], calculator: RewardCalculator, settings: GenerationSettings, every: int,
-                   seed: int) -> ValidationCallback:
+                   seed: int, best_reward: float | None = None) -> ValidationCallback:
         return ValidationCallback(self.tokenizer, rows, calculator, settings, self.val_dir, every, seed,
-                                  on_best=lambda model, summary: self.save(model, "best", summary))
+                                  on_best=lambda model, summary: self.save(model, "best", summary),
+                                  best_reward=best_reward)
 
-    def finish(self, run, model, validation: ValidationCallback) -> dict:
-        """Save ckpt_<key>/final, record the outputs, and return the manifest's validation figures."""
-        self.save(model, "final", validation.history[-1])
+    def finish(self, run, model, validation: ValidationCallback | None) -> dict:
+        """Save ckpt_<key>/final (and best, when nothing was validated), record the outputs, and return the
+        manifest's validation figures ({} without validation)."""
+        self.save(model, "final", validation.history[-1] if validation else None)
+        if validation is None:
+            self.save(model, "best", None)
         trainer_dir = self.ckpt_dir / "checkpoints"  # a trl trainer's output_dir, empty with save_strategy "no"
         if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
             trainer_dir.rmdir()
         for name, path in (("ckpt_final", self.ckpt_dir / "final"), ("ckpt_best", self.ckpt_dir / "best"),
-                           ("training_log", self.log_path), ("val_generations", self.val_dir)):
+                           ("training_log", self.log_path), (self.val_dir.name, self.val_dir)):
             run.add_output(name, path)
-        return validation_figures(validation.history)
+        return validation_figures(validation.history) if validation else {}
 
 
 def validation_figures(history: list[dict]) -> dict:

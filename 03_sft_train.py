@@ -9,6 +9,7 @@ from pathlib import Path
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 from trl import SFTConfig, SFTTrainer
 
+from utils import processes
 from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
@@ -92,6 +93,8 @@ def main() -> int:
         if args.resume:
             log.info("resuming from %s", resume_from or "the start (no checkpoint yet)")
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if not processes.is_main():  # several processes (utils.processes): the main one saves and reports
+            return 0
 
         figures = checkpoints.finish(run, trainer.model, validation)
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -101,6 +104,7 @@ def main() -> int:
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "parameters": count_parameters(trainer.model),
             "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+            "processes": processes.world_size(),
         })
         if validation is not None:  # SFT validates from its first eval step on, so no start figure; a resumed
             # run's best may be from before the interruption

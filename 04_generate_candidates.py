@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 
+from utils import processes
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import load_processed, write_jsonl
 from utils.generation import GenerationStats, generate, settings_from_config
@@ -55,9 +56,13 @@ def main() -> int:
 
         stats = GenerationStats()
         k = settings["num_candidates"]
-        generations = generate(model, tokenizer, [row["prompt"] for row in rows],
-                               settings_from_config(config, sampled=True, num_return_sequences=k),
-                               desc=f"sampling {k} per prompt", seed=args.seed, stats=stats)
+        # several processes (utils.processes): each samples its share of the batches, the main one writes
+        generations = processes.gather_in_order(generate(
+            model, tokenizer, [row["prompt"] for row in rows],
+            settings_from_config(config, sampled=True, num_return_sequences=k), desc=f"sampling {k} per prompt",
+            seed=args.seed, stats=stats, shard=processes.shard()))
+        if not processes.is_main():
+            return 0
 
         candidates, scores = [], []
         for row, group in zip(rows, generations):
@@ -83,7 +88,8 @@ def main() -> int:
                                                     for row in rows),
             "mean_best_reward_per_prompt": round(float(np.mean(per_prompt_best)), 5),
             "generation": {"seconds": round(stats.seconds, 2), "tokens": stats.n_generated_tokens,
-                           "tokens_per_second": round(stats.tokens_per_second, 2)},
+                           "tokens_per_second": round(stats.tokens_per_second, 2)},  # the main process's share
+            "processes": processes.world_size(),  # each process samples its own stream
         })
         log.info("candidates: %d prompts x %d, parse rate %.2f, mean reward %.3f", len(rows), k,
                  run.metrics["parse_rate"], run.metrics["reward_mean"])

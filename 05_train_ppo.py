@@ -9,7 +9,6 @@ every algorithm.eval_every_steps, step 0 = the SFT model). Runs under `accelerat
 """
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 
-import contextlib
 import logging
 import time
 
@@ -53,11 +52,11 @@ def main() -> int:
     if not is_main:
         log.setLevel(logging.WARNING)  # one process reports progress
     out_dir = stage_dir(args, config, STAGE.key)
-    context = (stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False)
-               if is_main else contextlib.nullcontext())
 
-    with context as run:
-        train_rows = rl_train_rows(args, config, run)  # run is None on the processes that do not write
+    # under several processes only the main one writes (utils.processes)
+    with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
+                   keep_partial=False) as run:
+        train_rows = rl_train_rows(args, config, run)
         torch.manual_seed(args.seed)
         inputs = policy_inputs(args, config, run, accelerator.device, "PPO")
         tokenizer, calculator, compute = inputs.tokenizer, inputs.calculator, inputs.compute
@@ -75,13 +74,8 @@ def main() -> int:
         validator = checkpoints.validation(inputs.val_rows, calculator, greedy, settings.eval_every_steps, args.seed)
         log_path = checkpoints.log_path
 
-        def validation(step: int) -> None:
-            if is_main:  # one process validates and saves; the others wait for it
-                validator.run(trainer.policy, step)
-            accelerator.wait_for_everyone()
-
         started = time.time()
-        validation(0)  # the SFT starting point (the new adapter is still zero)
+        validator.run(trainer.policy, 0)  # the SFT starting point (the new adapter is still zero)
         records: list[dict] = []
         bar = tqdm(range(1, settings.steps + 1), desc="PPO", unit="step", disable=not is_main)
         for step in bar:
@@ -94,7 +88,7 @@ def main() -> int:
                      stats["reward_mean"], stats["kl"], stats["policy_loss"], stats["value_loss"],
                      stats["time_step_s"])
             if step == settings.steps or (settings.eval_every_steps > 0 and step % settings.eval_every_steps == 0):
-                validation(step)
+                validator.run(trainer.policy, step)
 
         if is_main:
             figures = checkpoints.finish(run, trainer.policy, validator)

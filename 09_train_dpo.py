@@ -17,6 +17,7 @@ from pathlib import Path
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 from trl import DPOConfig, DPOTrainer
 
+from utils import processes
 from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, \
     upstream_dir
 from utils.finqa_data import hf_dataset, read_jsonl
@@ -108,15 +109,19 @@ def main() -> int:
                              peft_config=lora_config(config),
                              callbacks=[JsonLogCallback(checkpoints.log_path), validation])
 
-        # Before training the new adapter is zero: the policy is the reference (the SFT model).
+        # Before training the new adapter is zero: the policy is the reference (the SFT model). The held-out pairs
+        # are scored by the main process only (utils.processes).
         batch = algo["preference_eval_batch_size"]
-        reference = pair_logps(trainer.model, tokenizer, heldout_pairs, max_length, batch, reference=True)
-        before = preference_accuracy(heldout_pairs, reference, reference, algo["beta"])
+        scored_pairs = heldout_pairs if processes.is_main() else []
+        reference = pair_logps(trainer.model, tokenizer, scored_pairs, max_length, batch, reference=True)
+        before = preference_accuracy(scored_pairs, reference, reference, algo["beta"])
         log.info("held-out preference accuracy before DPO (SFT): %s on %d pairs", before["logp_accuracy"],
                  before["n_pairs"])
         validation.run(trainer.model, 0)
 
         result = trainer.train()
+        if not processes.is_main():
+            return 0
 
         policy = pair_logps(trainer.model, tokenizer, heldout_pairs, max_length, batch)
         after = preference_accuracy(heldout_pairs, policy, reference, algo["beta"])
@@ -158,6 +163,7 @@ def main() -> int:
             **figures,
             "wall_time_s": round(time.time() - started, 1),
             "parameters": count_parameters(trainer.model),
+            "processes": processes.world_size(),
         })
         if not heldout_pairs:
             log.warning("no held-out pairs: preference accuracy not measured (08 heldout_fraction is 0, or too "

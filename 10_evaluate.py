@@ -9,6 +9,7 @@ without loading a model.
 """
 from pathlib import Path
 
+from utils import processes
 from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, \
     upstream_dir
 from utils.finqa_data import load_processed, read_jsonl_lines, write_jsonl
@@ -95,14 +96,18 @@ def main() -> int:
             run.extra["precision"] = compute.record()
             model = load_model(config["model"]["path"], ckpt, device, compute.inference_dtype)
             stats = GenerationStats()
-            generations = generate(model, tokenizer, [row["prompt"] for row in rows],
-                                   settings_from_config(config, sampled=False), desc=f"evaluating {args.label}",
-                                   seed=args.seed, stats=stats)
+            # several processes (utils.processes): each generates its share of the batches, the main one scores
+            generations = processes.gather_in_order(generate(
+                model, tokenizer, [row["prompt"] for row in rows], settings_from_config(config, sampled=False),
+                desc=f"evaluating {args.label}", seed=args.seed, stats=stats, shard=processes.shard()))
+            if not processes.is_main():
+                return 0
             predictions = [{"id": row["id"], "completion": group[0].text, "n_tokens": group[0].n_tokens,
                             "finish_reason": group[0].finish_reason} for row, group in zip(rows, generations)]
             run.metrics["generation"] = {"seconds": round(stats.seconds, 2), "tokens": stats.n_generated_tokens,
                                          "tokens_per_second": round(stats.tokens_per_second, 2),
-                                         "examples_per_second": round(len(rows) / max(stats.seconds, 1e-9), 3)}
+                                         "examples_per_second": round(len(rows) / max(stats.seconds, 1e-9), 3),
+                                         "processes": processes.world_size()}  # figures: the main one's share
 
         records = score_items(rows, predictions, reward_calculator(spec))
         metrics = aggregate(records)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pandas as pd
 import pytest
@@ -67,3 +68,16 @@ def test_quick_full_run_with_the_driver(smoke_root):
     out = drive(smoke_root)
     assert "nothing to do" in out
     assert {p: p.read_text() for p in run_dir.glob("**/manifest.json")} == before
+
+    # scripts/gpu_run.py --quick_test: the same driver run (so nothing left to do) and its results bundle
+    paths = ["--set", f"paths.outputs_dir={smoke_root / 'outputs'}",
+             "--set", f"data.processed_dir={smoke_root / 'processed'}"]
+    done = subprocess.run([sys.executable, "scripts/gpu_run.py", "--quick_test", "--run_id", "run_001", "--", *paths],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "nothing to do" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+    with tarfile.open(run_dir / "bundle.tar.gz") as tar:
+        names = set(tar.getnames())
+        info = json.load(tar.extractfile("run_001/bundle_info.json"))
+    assert {"run_001/run_manifest.json", "run_001/11_comparison/summary.csv"} <= names
+    assert {f"run_001/10_evaluation/{label}/metrics.json" for label in ("base", "sft", *METHODS)} <= names
+    assert info["driver_exit_code"] == 0 and info["quick_test"] and "torch" in info

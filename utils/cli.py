@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from utils import processes
 from utils.config import ConfigError, load_config
 from utils.runs import STAGE_FOLDERS, StageError, plain_name, run_root
 from utils.stages import Stage
@@ -97,4 +98,5 @@ def main_guard(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    processes.finish()
     sys.exit(code or 0)

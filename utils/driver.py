@@ -24,8 +24,8 @@ Flag pass-through (`--set`, repeatable, applied in the order given):
 paths.outputs_dir may only be set for every stage at once (the run folder must be one place).
   --preset NAME                 configs/presets/NAME.yaml's `set:` entries before the command line's (which
                                 win); those for stages outside the plan are left out. `--preset cpu`: the study.
-  --launcher COMMAND            the stages that run on several processes (utils/stages.py multi_process: 05)
-                                under COMMAND, e.g. "torchrun --standalone --nproc_per_node 2" on a CPU or
+  --launcher COMMAND            the stages that run on several processes (utils/stages.py multi_process: 03-07,
+                                09, 10) under COMMAND, e.g. "torchrun --standalone --nproc_per_node 2" on a CPU or
                                 "accelerate launch --num_processes 8" on GPUs; a different process count re-runs them.
 
 Skip rules, evaluated in plan order. A stage is up to date when all of these hold:
@@ -66,7 +66,7 @@ import yaml
 
 from utils.cli import DEFAULT_MODEL_CONFIG, UsageError
 from utils.compare import comparison_config
-from utils.config import ConfigError, config_diff, get_key, load_config, parse_override
+from utils.config import ConfigError, config_diff, get_key, load_config, load_yaml, parse_override
 from utils.evaluations import completed_metrics_files
 from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, is_stage_folder, now_iso, read_manifest, run_root, \
     sha256_path, write_json_atomic
@@ -214,6 +214,9 @@ class DriverSettings:
         if not self.launcher:
             return 1
         parts = shlex.split(self.launcher)
+        for flag in ("--config_file", "--config-file"):  # accelerate's config file (configs/accelerate/*.yaml)
+            if flag in parts[:-1] and not {"--num_processes", "--num-processes"} & set(parts):
+                return int(load_yaml(parts[parts.index(flag) + 1]).get("num_processes") or 1)
         for flag in ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node"):
             if flag in parts[:-1]:
                 return int(parts[parts.index(flag) + 1])
@@ -826,6 +829,8 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
                               args.stage_config, preset, args.launcher)
     try:
         settings.processes
+    except ConfigError as err:  # its accelerate --config_file
+        raise UsageError(f"--launcher {args.launcher!r}: {err}") from None
     except (ValueError, IndexError):
         raise UsageError(f"--launcher {args.launcher!r}: the process count needs a whole number") from None
     full_plan, resolver = plan_and_resolver(methods, settings, base_eval=not args.no_base_eval)

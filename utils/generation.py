@@ -459,10 +459,12 @@ def _decode(model, cache, mask, positions, logits, choose, ends, max_new_tokens:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc: str = "generating",
              seed: int | None = None, stats: GenerationStats | None = None,
-             show_progress: bool = True) -> list[list[Generation]]:
+             show_progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[list[Generation]]:
     """num_return_sequences generations per prompt, in the prompts' order.
 
     prompts: chat messages (rendered with the tokenizer's chat template) or already rendered strings.
+    shard (index, count): generate only every count-th batch from index on (several processes: utils.processes);
+    the other prompts' lists stay empty. Batches are formed as with one process, so each holds the same prompts.
     """
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -472,8 +474,9 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     k = settings.num_return_sequences
     choose, ends = _token_chooser(settings), _stop_rule(tokenizer, settings)
     device = next(model.parameters()).device
+    shard_index, shard_count = shard
     if seed is not None:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + 7919 * shard_index)  # each process samples its own stream
     stats = stats if stats is not None else GenerationStats()
     compute = getattr(torch, settings.compute_dtype)
     mixed = compute != torch.float32 and next(model.parameters()).dtype == torch.float32
@@ -486,7 +489,7 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
         stats.prefill_seconds += seconds
         stats.seconds += seconds
         per_batch = max(1, settings.batch_size // k)
-        batches = [order[i: i + per_batch] for i in range(0, len(order), per_batch)]
+        batches = [order[i: i + per_batch] for i in range(0, len(order), per_batch)][shard_index::shard_count]
         bar = tqdm(batches, desc=desc, unit="batch", disable=not show_progress)
         for batch in bar:
             started = time.time()

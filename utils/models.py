@@ -14,17 +14,23 @@ from pathlib import Path
 import torch
 
 from utils.runs import REPO_ROOT, StageError
+from utils import processes
 
 BASE_ADAPTERS_FILE = "base_adapters.json"
 log = logging.getLogger("finqa_rl")
 
 
 def configure_torch(config: dict) -> torch.device:
-    """Threads and device. On a CPU, torch's default thread count oversubscribes small machines."""
+    """Threads and device. On a CPU, torch's default thread count oversubscribes small machines, and several
+    processes of one stage (utils.processes) share model.torch_threads between them; on CUDA each process takes
+    the GPU of its local rank."""
     threads = int(config["model"].get("torch_threads") or 0)
     if threads > 0:
-        torch.set_num_threads(threads)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(max(1, threads // processes.local_world_size()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(processes.local_rank())
+        return torch.device("cuda", processes.local_rank())
+    return torch.device("cpu")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
+from utils import processes
 from utils.cli import ConfigFlag, setup_logging, stage_dir, stage_parser
 from utils.config import ConfigError
 from utils.finqa_data import hf_dataset
@@ -183,6 +184,22 @@ class RewardRecorder:
             "n_generated_tokens": sum(len(ids_) for ids_ in kwargs.get("completion_ids") or []),
         })
 
+    def gather(self) -> None:
+        """Under several processes: every process's records of a step merged into one (on every process)."""
+        if not processes.several():
+            return
+        merged: dict[int, dict] = {}
+        for batch in processes.gather_list(self.batches):
+            step = merged.setdefault(batch["step"], {"step": batch["step"], "rewards": [], "ids": [],
+                                                     "grouped_by_prompt": True, "n_completions": 0,
+                                                     "n_generated_tokens": 0})
+            step["rewards"] += batch["rewards"]
+            step["ids"] += batch["ids"]
+            step["grouped_by_prompt"] &= batch["grouped_by_prompt"]
+            step["n_completions"] += batch["n_completions"]
+            step["n_generated_tokens"] += batch["n_generated_tokens"]
+        self.batches = [merged[step] for step in sorted(merged)]
+
     @property
     def total_completions(self) -> int:
         return sum(batch["n_completions"] for batch in self.batches)
@@ -292,13 +309,17 @@ def trl_arguments(method: RLMethod, config: dict, out_dir: Path, seed: int, devi
     import trl
 
     budget = rollout_budget(config)
-    micro = micro_batch_size(config, budget["completions_per_step"])
+    per_process = budget["completions_per_step"] // processes.world_size()  # the budget is global
+    if per_process * processes.world_size() != budget["completions_per_step"]:
+        raise ConfigError(f"algorithm.prompts_per_step x num_generations = {budget['completions_per_step']} "
+                          f"completions per step do not split over {processes.world_size()} processes")
+    micro = micro_batch_size(config, per_process)
     return trainer_arguments(
         config, out_dir, seed, device, getattr(trl, method.config_class),
         algorithm_keys=TRL_KEYS + method.method_keys,
         output_dir=str(out_dir / f"ckpt_{method.name}" / "checkpoints"),
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=budget["completions_per_step"] // micro,  # one generation batch per step
+        gradient_accumulation_steps=per_process // micro,  # one generation batch per step, over all processes
         num_generations=budget["num_generations"],
         max_steps=budget["steps"],
         max_completion_length=budget["max_completion_length"],
@@ -390,6 +411,9 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
 
         validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
         result = trainer.train()
+        recorder.gather()  # several processes: each scored its share of every step's completions
+        if not processes.is_main():
+            return 0
 
         figures = checkpoints.finish(run, trainer.model, validation)
 
@@ -415,6 +439,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
             "final_frac_reward_zero_std": last_logged(history, "frac_reward_zero_std"),
             "groups_with_zero_reward_variance": recorder.zero_variance_groups(),
             "train_prompts": algo["train_prompts"], "train_examples": len(train_rows),
+            "processes": processes.world_size(),
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
             "seconds": timer.totals(),
             "wall_time_s": round(time.time() - started, 1),

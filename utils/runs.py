@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.stages import REPO_ROOT, STAGE_FOLDERS  # noqa: F401  (the run layout, declared in utils/stages.py)
+from utils import processes
 
 MANIFEST = "manifest.json"
 
@@ -261,15 +262,22 @@ def prepare_stage_dir(stage_dir: str | Path, stage: str, overwrite: bool, keep_p
 
 
 class stage_run:
-    """Context manager: manifest 'running' on entry, 'completed' or 'failed' (with the error) on exit."""
+    """Context manager: manifest 'running' on entry, 'completed' or 'failed' (with the error) on exit.
+
+    Under several processes (utils.processes) only the main one prepares the folder and writes the manifest; the
+    others wait until the folder is ready and get a StageRun that records inputs and outputs but writes nothing."""
 
     def __init__(self, stage: str, stage_dir: str | Path, config: dict, seed: int, overwrite: bool = False,
                  keep_partial: bool = True):
-        self.run = StageRun(stage=stage, dir=prepare_stage_dir(stage_dir, stage, overwrite, keep_partial),
-                            config=config, seed=seed)
+        self.writes = processes.is_main()
+        folder = prepare_stage_dir(stage_dir, stage, overwrite, keep_partial) if self.writes else Path(stage_dir)
+        processes.wait_for_everyone()
+        self.run = StageRun(stage=stage, dir=folder, config=config, seed=seed)
         self.previous = previous_dir(self.run.dir)
 
     def __enter__(self) -> StageRun:
+        if not self.writes:
+            return self.run
         self.run.write("running")
         # Everything the stage logs also goes to <stage>/logs/stage.log.
         log_file = self.run.dir / "logs" / "stage.log"
@@ -280,6 +288,8 @@ class stage_run:
         return self.run
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.writes:
+            return False
         if exc is None:
             self.run.write("completed")
         else:

@@ -86,20 +86,17 @@ class PolicyInputs:
 
 
 def policy_inputs(args, config: dict, run, device, method: str) -> PolicyInputs:
-    """Load what a method stage starts from; `run` (its stage_run, None on a process that does not write) records
-    the inputs and the precision."""
+    """Load what a method stage starts from; `run` (its stage_run) records the inputs and the precision."""
     val_path = processed_split(config, "val")
     checkpoint = sft_adapter(args, config, method)
     spec = reward_spec_path(args, config)
-    if run is not None:
-        run.add_input("val", val_path)
-        run.add_input("policy", checkpoint)
-        if spec:
-            run.add_input("reward_spec", spec)
+    run.add_input("val", val_path)
+    run.add_input("policy", checkpoint)
+    if spec:
+        run.add_input("reward_spec", spec)
     val_rows = load_processed(val_path, config["algorithm"]["n_val_examples"])
     compute = precision(config, device)
-    if run is not None:
-        run.extra["precision"] = compute.record()
+    run.extra["precision"] = compute.record()
     base, adapters = merged_policy_base(config, checkpoint, device, compute.training_weights_dtype)
     return PolicyInputs(val_rows, checkpoint, spec, reward_calculator(spec), load_tokenizer(config["model"]["path"]),
                         compute, base, adapters)

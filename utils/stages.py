@@ -33,7 +33,8 @@ class Stage:
     trains: bool = False               # its wall time counts as training compute in 11's report
     variant_of: str | None = None      # the method whose script and YAML it runs, with `overrides`
     overrides: tuple[str, ...] = ()    # KEY=VALUE, as --set
-    multi_process: bool = False        # runs under the driver's --launcher (e.g. accelerate launch --num_processes N)
+    multi_process: bool = False        # runs under the driver's --launcher (e.g. accelerate launch --num_processes N):
+    # its work is split over the processes and the main one writes (utils/processes.py)
 
     @property
     def number(self) -> str:
@@ -56,25 +57,25 @@ class Stage:
 
 
 _DATA = ("prepare", "rewards")
-_RL = dict(reads=(*_DATA, "sft"), method=True, rl=True, trains=True)
+_RL = dict(reads=(*_DATA, "sft"), method=True, rl=True, trains=True, multi_process=True)
 
 STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     Stage("check_data", "00_data_validation", "00_check_data.py"),
     Stage("prepare", "01_preprocessing", "01_prepare_dataset.py"),
     Stage("rewards", "02_rewards", "02_build_rewards.py"),
     Stage("sft", "03_sft", "03_sft_train.py", "configs/algorithms/sft.yaml", "ckpt_sft/best", _DATA,
-          resume=("ckpt_sft/checkpoints/checkpoint-*", "--resume"), trains=True),
-    Stage("candidates", "04_candidates", "04_generate_candidates.py", reads=(*_DATA, "sft"), trains=True),
-    Stage("ppo", "05_ppo", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL,
-          multi_process=True),  # rollouts per process, gradients averaged by accelerate, the main process writes
+          resume=("ckpt_sft/checkpoints/checkpoint-*", "--resume"), trains=True, multi_process=True),
+    Stage("candidates", "04_candidates", "04_generate_candidates.py", reads=(*_DATA, "sft"), trains=True,
+          multi_process=True),
+    Stage("ppo", "05_ppo", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL),
     Stage("grpo", "06_grpo", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL),
     Stage("rloo", "07_rloo", "07_train_rloo.py", "configs/algorithms/rloo.yaml", "ckpt_rloo/final", **_RL),
     # 08 reads its pairing rules from dpo.yaml (algorithm.preferences)
     Stage("preferences", "08_preferences", "08_build_prefs.py", "configs/algorithms/dpo.yaml",
           reads=(*_DATA, "candidates"), trains=True),
     Stage("dpo", "09_dpo", "09_train_dpo.py", "configs/algorithms/dpo.yaml", "ckpt_dpo/final",
-          (*_DATA, "sft", "preferences"), method=True, trains=True),
-    Stage("evaluation", "10_evaluation", "10_evaluate.py"),
+          (*_DATA, "sft", "preferences"), method=True, trains=True, multi_process=True),
+    Stage("evaluation", "10_evaluation", "10_evaluate.py", multi_process=True),
     Stage("comparison", "11_comparison", "11_compare_runs.py"),
     # variants: a method's script and YAML with a few overrides, a label and a folder of their own
     Stage("grpo_dr", "06_grpo_dr", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL,

@@ -14,6 +14,7 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
+from utils import processes
 from utils.generation import GenerationSettings, generate
 from utils.models import save_adapter
 from utils.reward import RewardCalculator
@@ -64,7 +65,15 @@ class ValidationCallback(TrainerCallback):
         self.history: list[dict] = []
         self._last_step = -1
 
-    def run(self, model, step: int) -> dict:
+    def run(self, model, step: int) -> dict | None:
+        """Validate on the main process (the others wait for it; they return None)."""
+        if processes.is_main():
+            summary = self._run(model, step)
+        processes.wait_for_everyone()
+        self._last_step = step
+        return summary if processes.is_main() else None
+
+    def _run(self, model, step: int) -> dict:
         summary, samples = validate(model, self.tokenizer, self.rows, self.calculator, self.settings, self.seed)
         summary["step"] = step
         write_json_atomic(self.folder / f"step_{step}.json", {"summary": summary, "samples": samples})
@@ -75,7 +84,6 @@ class ValidationCallback(TrainerCallback):
             self.best_reward = summary["mean_reward"]
             if self.on_best is not None:
                 self.on_best(model, summary)
-        self._last_step = step
         return summary
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -122,7 +130,7 @@ class PolicyCheckpoints:
 
     def finish(self, run, model, validation: ValidationCallback | None) -> dict:
         """Save ckpt_<key>/final (and best, when nothing was validated), record the outputs, and return the
-        manifest's validation figures ({} without validation)."""
+        manifest's validation figures ({} without validation). The main process's job (utils.processes)."""
         self.save(model, "final", validation.history[-1] if validation else None)
         if validation is None:
             self.save(model, "best", None)
@@ -168,6 +176,6 @@ class JsonLogCallback(TrainerCallback):
         self.records: list[dict] = json.loads(self.path.read_text()) if self.path.is_file() else []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
+        if logs and processes.is_main():
             self.records.append({"step": state.global_step, "epoch": state.epoch, **logs})
             write_json_atomic(self.path, self.records)

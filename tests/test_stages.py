@@ -146,14 +146,18 @@ def test_every_stage_folder_is_unique_and_numbered(key):
 def test_a_preset_is_a_list_of_driver_sets_the_command_line_overrides(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     out: list[str] = []
-    code = driver_main(["--method", "grpo", "--preset", "cpu", "--run_id", "p", "--set",
+    code = driver_main(["--method", "grpo,grpo_g16", "--preset", "cpu", "--run_id", "p", "--set",
                         f"paths.outputs_dir={tmp_path}", "--set", "grpo.algorithm.steps=3", "--dry_run"],
                        echo=out.append)
     text = "".join(out)
     assert code == 0, text
-    grpo = next(line for line in text.splitlines() if "06_train_grpo.py" in line)
+    grpo = next(line for line in text.splitlines() if "06_train_grpo.py" in line and "--output_dir" not in line)
     assert "data.raw_dir=../shared/finqa_core" in grpo and "algorithm.num_generations=8" in grpo
     assert grpo.index("algorithm.steps=8") < grpo.index("algorithm.steps=3")  # the command line's --set wins
+    # the preset's budget reaches a variant (06 names the script), and the variant's own overrides win over it
+    g16 = next(line for line in text.splitlines() if "06_grpo_g16" in line and "06_train_grpo.py" in line)
+    assert "algorithm.steps=8" in g16 and "algorithm.steps=3" not in g16
+    assert g16.index("algorithm.num_generations=8") < g16.index("algorithm.num_generations=16")
     sft = next(line for line in text.splitlines() if "03_sft_train.py" in line)
     assert "algorithm.epochs=1" in sft and "num_generations" not in sft
 

@@ -279,9 +279,13 @@ class Resolver:
             return False
 
     def _split_overrides(self, overrides: list[str], n_preset: int = 0) -> dict[str, list[str]]:
-        # a variant's own overrides (utils/stages.py) come first, so the user's --set wins over them
-        per_stage: dict[str, list[str]] = {spec.name: list(spec.stage.overrides) for spec in self.plan}
+        # in order: the preset's entries, a variant's own overrides (utils/stages.py: what the variant is, so a
+        # preset's budget for every method does not undo it), then the command line's --set, which wins
+        per_stage: dict[str, list[str]] = {spec.name: [] for spec in self.plan}
         for index, text in enumerate(overrides):
+            if index == n_preset:
+                for spec in self.plan:
+                    per_stage[spec.name] += spec.stage.overrides
             key, _ = parse_override(text)
             head, _, rest = key.partition(".")
             targets = [spec for spec in self.plan if self._applies(text, self.base_config(spec))]
@@ -301,6 +305,9 @@ class Resolver:
                 hint = f" (configs of {', '.join(known)} could not be read)" if known else ""
                 raise UsageError(f"--set {text}: no stage of this plan has config key '{key}' and "
                                  f"'{head}' names no stage{hint}")
+        if len(overrides) <= n_preset:  # no --set of the command line: the variants' overrides come last
+            for spec in self.plan:
+                per_stage[spec.name] += spec.stage.overrides
         return per_stage
 
     def config_or_error(self, spec: StageSpec) -> dict | Exception:

@@ -82,6 +82,13 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
           variant_of="grpo", overrides=("algorithm.loss_type=dr_grpo", "algorithm.scale_rewards=none")),
     Stage("grpo_mixed", "06_grpo_mixed", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
           **_RL, variant_of="grpo", overrides=("algorithm.train_prompts=mixed",)),
+    # the study's ablations (configs/presets/cpu.yaml gives every one the same budget per step)
+    Stage("grpo_g16", "06_grpo_g16", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
+          **_RL, variant_of="grpo", overrides=("algorithm.prompts_per_step=1", "algorithm.num_generations=16")),
+    Stage("grpo_lr3e4", "06_grpo_lr3e4", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
+          **_RL, variant_of="grpo", overrides=("algorithm.learning_rate=3.0e-4",)),
+    Stage("grpo_t12", "06_grpo_t12", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
+          **_RL, variant_of="grpo", overrides=("algorithm.temperature=1.2",)),
 )}
 
 STAGE_FOLDERS = {key: stage.folder for key, stage in STAGES.items()}

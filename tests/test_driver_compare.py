@@ -249,11 +249,12 @@ def write_synthetic_run(outputs: Path, run: str) -> Path:
     grpo_ckpt.mkdir(parents=True)
     (grpo_ckpt / "adapter_model.safetensors").write_text(f"grpo weights {run}")
     write_json_atomic(run_dir / "06_grpo" / "logs" / "training_log.json",
-                      [{"step": s, "reward": 0.1 * s, "loss": 0.5} for s in range(1, 6)])
+                      [{"step": s, "reward": 0.1 * s, "loss": 0.5, "kl": 0.01 * s} for s in range(1, 6)])
     write_json_atomic(run_dir / "06_grpo" / "manifest.json", {
         "stage": "06_train_grpo", "status": "completed", "seed": SEEDS[run], "duration_s": 250.0,
         "config": {"model": model, "algorithm": {"learning_rate": LEARNING_RATES[run], "num_generations": 4}},
-        "environment": env, "metrics": {"total_completions": 320, "total_generated_tokens": 9000, "steps": 5},
+        "environment": env, "metrics": {"total_completions": 320, "total_generated_tokens": 9000, "steps": 5,
+                                        "groups_with_zero_reward_variance": {"per_step": [1.0, 0.5, 0.5, 0.0, 0.25]}},
         "inputs": {"policy": {"path": str(sft_ckpt), "sha256": sha256_path(sft_ckpt)}}})
     for label, ckpt in (("sft", sft_ckpt), ("grpo", grpo_ckpt)):
         folder = run_dir / "10_evaluation" / label
@@ -336,6 +337,15 @@ def test_compare_runs_summary_tests_plots_and_diff(tmp_path, capsys):
     assert "(std over 2 runs)" in report
     for name in ("metrics_by_method.png", "training_curves.png", "accuracy_vs_compute.png"):
         assert (out_dir / "plots" / name).stat().st_size > 1000
+    from utils.compare import training_curves
+    from utils.evaluations import completed_metrics_files, load_evaluations
+
+    curves = {c["name"]: c for c in training_curves(load_evaluations(completed_metrics_files([str(outputs)])))}
+    grpo, sft = curves["run_a/grpo"], curves["run_a/sft"]
+    assert grpo["kl"]["values"] == pytest.approx([0.01 * s for s in range(1, 6)])
+    assert grpo["zero_variance"] == {"key": "groups_with_zero_reward_variance", "steps": [1, 2, 3, 4, 5],
+                                     "values": [1.0, 0.5, 0.5, 0.0, 0.25]}
+    assert "loss" in sft and "kl" not in sft and "zero_variance" not in sft
     manifest = read_manifest(out_dir)
     assert manifest["status"] == "completed" and manifest["config"]["n_bootstrap"] == 2000
     assert "run_a/grpo/breakdown" in manifest["inputs"] and "run_b/grpo/training_log" in manifest["inputs"]

@@ -249,8 +249,13 @@ def report_markdown(summary: pd.DataFrame, results: list[Evaluation], cis: dict,
 # ----------------------------------------------------------------------------------------------------------
 # curves for the plots
 
+CURVE_KINDS = ("reward", "loss", "kl", "zero_variance")  # utils.plots.training_curves draws one panel each
+
+
 def training_curves(results: list[Evaluation]) -> list[dict]:
-    """The reward (and loss) per step of each evaluated method's training log."""
+    """Per step of each evaluated method's training: reward, loss and KL from its training log, and the fraction
+    of prompt groups whose completions all got the same task reward (no gradient from it) from its manifest
+    (GRPO/RLOO: groups_with_zero_reward_variance, on the calculator's reward before any KL term)."""
     curves, seen = [], set()
     for result in results:
         path = result.training_log
@@ -264,13 +269,17 @@ def training_curves(results: list[Evaluation]) -> list[dict]:
             continue
         records = [r for r in records if isinstance(r, dict) and is_number(r.get("step"))]
         curve = {"name": f"{result.run}/{result.label}", "method": result.method}
-        for kind, keys in (("reward", REWARD_KEYS), ("loss", LOSS_KEYS)):
+        for kind, keys in (("reward", REWARD_KEYS), ("loss", LOSS_KEYS), ("kl", ("kl",))):
             key = next((k for k in keys if any(is_number(r.get(k)) for r in records)), None)
             if key is None and kind == "reward":
                 key = next((k for r in records for k in r if "reward" in k and is_number(r.get(k))), None)
             if key is not None:
                 points = [(r["step"], r[key]) for r in records if is_number(r.get(key))]
                 curve[kind] = {"key": key, "steps": [p[0] for p in points], "values": [p[1] for p in points]}
-        if "reward" in curve or "loss" in curve:
+        zero = ((result.train_manifest or {}).get("metrics") or {}).get("groups_with_zero_reward_variance") or {}
+        if zero.get("per_step"):
+            curve["zero_variance"] = {"key": "groups_with_zero_reward_variance", "values": zero["per_step"],
+                                      "steps": list(range(1, len(zero["per_step"]) + 1))}
+        if any(kind in curve for kind in CURVE_KINDS):
             curves.append(curve)
     return curves

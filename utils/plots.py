@@ -51,10 +51,14 @@ def metrics_by_method(bars: dict[str, list[dict]], path: Path) -> Path:
     return _save(fig, path)
 
 
+CURVE_TITLES = {"reward": "training reward", "loss": "training loss", "kl": "KL to the SFT model",
+                "zero_variance": "groups with zero reward variance"}
+
+
 def training_curves(curves: list[dict], path: Path) -> Path:
-    """Reward (left) and loss (right) per step from each method's logs/training_log.json."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind in ((left, "reward"), (right, "loss")):
+    """One panel per kind (reward, loss, KL, zero-variance groups), per step, from each method's training."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (kind, title) in zip(axes.flat, CURVE_TITLES.items()):
         drawn = [c for c in curves if kind in c]
         for curve in drawn:
             data = curve[kind]
@@ -62,12 +66,12 @@ def training_curves(curves: list[dict], path: Path) -> Path:
                     label=f"{curve['name']} ({data['key']})")
         if drawn:
             ax.set_xlabel("step")
-            ax.set_ylabel(kind)
+            ax.set_ylabel("fraction of groups" if kind == "zero_variance" else kind)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         else:
             _empty(ax, f"no {kind} in any training log")
-        ax.set_title(f"training {kind}", fontsize=10)
+        ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -67,11 +67,10 @@ class ValidationCallback(TrainerCallback):
 
     def run(self, model, step: int) -> dict | None:
         """Validate on the main process (the others wait for it; they return None)."""
-        if processes.is_main():
-            summary = self._run(model, step)
+        summary = self._run(model, step) if processes.is_main() else None
         processes.wait_for_everyone()
         self._last_step = step
-        return summary if processes.is_main() else None
+        return summary
 
     def _run(self, model, step: int) -> dict:
         summary, samples = validate(model, self.tokenizer, self.rows, self.calculator, self.settings, self.seed)

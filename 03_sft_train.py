@@ -96,7 +96,7 @@ def main() -> int:
         if not processes.is_main():  # several processes (utils.processes): the main one saves and reports
             return 0
 
-        figures = checkpoints.finish(run, trainer.model, validation)
+        checkpoints.finish(run, trainer.model, validation)
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         run.metrics.update({
             "train_examples": len(train_rows), "steps": trainer.state.global_step,
@@ -108,7 +108,7 @@ def main() -> int:
         })
         if validation is not None:  # SFT validates from its first eval step on, so no start figure; a resumed
             # run's best may be from before the interruption
-            run.metrics.update({"validation": figures["validation"], "best_val_reward": validation.best_reward})
+            run.metrics.update({"validation": validation.history, "best_val_reward": validation.best_reward})
         log.info("SFT done: %d steps, final loss %s", trainer.state.global_step, run.metrics["final_loss"])
     return 0
 

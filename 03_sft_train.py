@@ -14,7 +14,7 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
 from utils.compute import precision
-from utils.models import configure_torch, count_parameters, load_model, load_tokenizer, lora_config
+from utils.models import MergedCopy, configure_torch, count_parameters, load_model, load_tokenizer, lora_config
 from utils.runs import is_completed, stage_run
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
 from utils.training import SCHEDULE_KEYS, trainer_arguments
@@ -89,6 +89,8 @@ def main() -> int:
         trainer = SFTTrainer(model=model, args=sft_config, processing_class=tokenizer,
                              train_dataset=hf_dataset(train_rows, ["prompt", "completion"]),
                              peft_config=lora_config(config), callbacks=callbacks)
+        if validation is not None:  # generates from a merged copy of the adapter (utils.models.MergedCopy)
+            validation.generation_model = MergedCopy(trainer.model).model
         resume_from = last_checkpoint(trainer_dir) if args.resume else None
         if args.resume:
             log.info("resuming from %s", resume_from or "the start (no checkpoint yet)")

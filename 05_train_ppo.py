@@ -72,6 +72,7 @@ def main() -> int:
         checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, inputs.adapters,
                                         save_extra=lambda model, dest: save_value_head(trainer.unwrapped, dest))
         validator = checkpoints.validation(inputs.val_rows, calculator, greedy, settings.eval_every_steps, args.seed)
+        validator.generation_model = trainer.generation_model
         log_path = checkpoints.log_path
 
         started = time.time()

@@ -22,7 +22,7 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
     upstream_dir
 from utils.finqa_data import hf_dataset, read_jsonl
 from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, lora_config
+from utils.models import MergedCopy, configure_torch, count_parameters, lora_config
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import add_policy_flags, policy_inputs
@@ -108,6 +108,7 @@ def main() -> int:
                              eval_dataset=hf_dataset(heldout_pairs, columns) if eval_pairs else None,
                              peft_config=lora_config(config),
                              callbacks=[JsonLogCallback(checkpoints.log_path), validation])
+        validation.generation_model = MergedCopy(trainer.model).model  # validation decodes the adapter merged
 
         # Before training the new adapter is zero: the policy is the reference (the SFT model). The held-out pairs
         # are scored by the main process only (utils.processes).

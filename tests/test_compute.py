@@ -43,8 +43,8 @@ def test_explicit_dtypes_force_it():
     forced = choose_precision("bfloat16", CPU)
     assert forced.dtype == "bfloat16" and forced.torch_dtype == torch.bfloat16 and "set in the config" in forced.reason
     assert choose_precision("float16", CPU).dtype == "float32"  # no fast float16 on a CPU
-    # training keeps float32 weights on a CPU (autocast), inference runs in the compute dtype
-    assert forced.training_weights_dtype == torch.float32 and forced.inference_dtype == torch.bfloat16
+    # frozen weights are held in the compute dtype for training and inference alike
+    assert forced.training_weights_dtype == torch.bfloat16 and forced.inference_dtype == torch.bfloat16
 
 
 def test_bf16_training_step_changes_the_adapter_and_keeps_fp32_state(tiny_model_dir):
@@ -55,8 +55,11 @@ def test_bf16_training_step_changes_the_adapter_and_keeps_fp32_state(tiny_model_
 
     config = load_config("configs/models/smollm2-135m.yaml")
     torch.manual_seed(0)
-    model = get_peft_model(load_model(tiny_model_dir, dtype=torch.float32, trainable=True), lora_config(config))
+    weights = choose_precision("bfloat16", CPU).training_weights_dtype
+    model = get_peft_model(load_model(tiny_model_dir, dtype=weights, trainable=True), lora_config(config))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # no casts of them per op
     # LoRA B starts at zero: give it a value so both factors receive gradients
     for name, p in trainable.items():
         if "lora_B" in name:
@@ -81,3 +84,38 @@ def test_model_stages_record_their_precision(run_stage):
     record = read_manifest(run_stage.stage_dir("10_evaluation") / "base")["precision"]
     assert record == {"dtype": "bfloat16", "requested": "bfloat16", "device": "cpu",
                       "reason": "model.dtype bfloat16 (set in the config)", "probe": None}
+
+
+def test_merged_copy_generates_what_the_adapter_computes_and_follows_its_updates(tiny_model_dir):
+    from peft import get_peft_model
+
+    from utils.config import load_config
+    from utils.models import MergedCopy, load_model, lora_config
+
+    config = load_config("configs/models/smollm2-135m.yaml")
+    torch.manual_seed(0)
+    policy = get_peft_model(load_model(tiny_model_dir, dtype=torch.float32, trainable=True), lora_config(config))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    policy.eval()
+    ids = torch.randint(0, policy.config.vocab_size, (2, 12))
+    copy = MergedCopy(policy)
+    with torch.no_grad():
+        assert torch.allclose(copy.model(0)(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-4)
+        assert not any(name for name, _ in copy.model(0).named_modules() if "lora" in name)
+        for name, p in policy.named_parameters():  # an optimizer step
+            if "lora_A" in name:
+                p.add_(0.1)
+        stale = copy.model(0)(input_ids=ids).logits  # the same version: not refreshed
+        fresh = copy.model(1)(input_ids=ids).logits
+        expected = policy(input_ids=ids).logits
+    assert not torch.allclose(stale, expected, atol=1e-4)
+    assert torch.allclose(fresh, expected, atol=1e-4)
+    # with frozen bf16 weights the copy is bf16 too, the adapter merged onto them without drift
+    bf16 = get_peft_model(load_model(tiny_model_dir, dtype=torch.bfloat16, trainable=True), lora_config(config))
+    copy = MergedCopy(bf16)
+    assert all(p.dtype == torch.bfloat16 for p in copy.model(0).parameters())
+    first = {n: p.clone() for n, p in copy.model(0).state_dict().items()}
+    again = copy.model(1).state_dict()
+    assert all(torch.equal(first[n], again[n]) for n in first)  # refreshing an unchanged adapter changes nothing

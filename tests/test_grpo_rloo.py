@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import utils.rl_trl as rl_trl
 from utils.config import ConfigError, load_config
 from utils.finqa_data import load_processed
-from utils.models import load_model, load_tokenizer, lora_config
+from utils.generation import stop_token_ids
+from utils.models import MergedCopy, load_model, load_tokenizer, lora_config
 from utils.reward import COMPONENTS, RewardCalculator
 from utils.rl_trl import RewardRecorder, advantage_variance, leave_one_out_advantages, reinforce_advantages, \
     summarize_advantage_variance
@@ -278,6 +279,49 @@ def test_grpo_trains_on_mixed_prompts_only(run_stage, reward_calls, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# rollouts served from the project's generation path
+
+class _GRPOLike:
+    def __init__(self):
+        self.state = SimpleNamespace(global_step=0)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        raise AssertionError("trl's own generation ran")
+
+
+class _RLOOLike(_GRPOLike):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+        raise AssertionError("trl's own generation ran")
+
+
+@pytest.mark.parametrize("trainer_class", [_GRPOLike, _RLOOLike])
+def test_rollouts_come_in_trls_order_and_shape(tiny_model_dir, trainer_class):
+    from peft import get_peft_model
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    config = load_config("configs/models/smollm2-135m.yaml", "configs/algorithms/grpo.yaml", True,
+                         [f"model.path={tiny_model_dir}", "algorithm.max_completion_length=6"])
+    policy = get_peft_model(load_model(tiny_model_dir, trainable=True), lora_config(config))
+    trainer = trainer_class()
+    settings = rl_trl.rollout_settings(config, rl_trl.rollout_budget(config))
+    assert settings.do_sample and not settings.stop_at_json_end and settings.max_new_tokens == 6
+    rl_trl.serve_rollouts(trainer, MergedCopy(policy), tokenizer, settings)
+    first, second = (tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                   tokenize=False) for text in ("what is 1 + 2?", "say hello"))
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (first, second)]
+    torch.manual_seed(0)
+    out = trainer._generate_single_turn([ids[0]] * 3 + [ids[1]] * 3, None, {}, *([3] if trainer_class is _GRPOLike
+                                                                                   else []))
+    completion_ids, logprobs = out if trainer_class is _GRPOLike else (out, None)
+    assert len(completion_ids) == 6 and logprobs is None
+    stops = set(stop_token_ids(tokenizer))
+    for completion in completion_ids:  # up to and including the stop token, as trl's own path returns them
+        assert 1 <= len(completion) <= 6 and all(isinstance(t, int) for t in completion)
+        assert len(completion) == 6 or completion[-1] in stops
+        assert not any(t in stops for t in completion[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # a toy task: both methods must raise the reward
 
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
@@ -309,6 +353,10 @@ def test_toy_task_reward_rises(tiny_model_dir, tmp_path, method):
     trainer = rl_trl.make_trainer(spec, model, tokenizer, dataset, recorder.functions,
                                   rl_trl.trl_arguments(spec, config, tmp_path, 0, torch.device("cpu")),
                                   peft_config=lora_config(config))
+    # the stages' rollouts: the project's generation on a merged copy, refreshed after every step (a stale copy
+    # would keep sampling the first policy, and the sampled reward could not rise)
+    rl_trl.serve_rollouts(trainer, MergedCopy(trainer.model), tokenizer,
+                          rl_trl.rollout_settings(config, rl_trl.rollout_budget(config)))
     trainer.train()
     rewards = [record["reward"] for record in trainer.state.log_history if "reward" in record]
     assert len(rewards) == 25

@@ -11,9 +11,10 @@
 How each kind of work uses it (the way the field does mixed precision):
 - inference (04, 10): weights loaded in float32, LoRA adapters merged in float32, then the model is cast to the
   compute dtype (Precision.inference_dtype);
-- training (03, 05-07, 09): float32 weights on a CPU (bfloat16 on CUDA) with autocast to the compute dtype, so
-  the trainable LoRA parameters, the optimizer state and the loss reductions stay float32 (trl's `bf16` flag;
-  Precision.autocast() for the project's PPO and for generation on a float32 model: validation, rollouts).
+- training (03, 05-07, 09): frozen weights in the compute dtype, trainable LoRA parameters in float32 (peft
+  upcasts an adapter on bf16 weights), under autocast to the compute dtype, so the optimizer state and the loss
+  reductions stay float32 (trl's `bf16` flag; Precision.autocast() for the project's PPO); rollouts and
+  validation generate from a merged copy in the same dtype (utils.models.MergedCopy).
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ class Precision:
 
     @property
     def training_weights_dtype(self) -> torch.dtype:
-        """Frozen weights while training: float32 on a CPU (autocast casts per op; merges stay exact)."""
-        return self.torch_dtype if self.device == "cuda" else torch.float32
+        """Frozen weights while training: the compute dtype (no per-op casts of them under autocast; they never
+        change, and adapters beneath a new one are merged in float32 first: utils.models.merged_policy_base)."""
+        return self.torch_dtype
 
     def autocast(self):
         """Autocast to the compute dtype (nothing when it is float32)."""

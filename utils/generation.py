@@ -456,20 +456,25 @@ def _decode(model, cache, mask, positions, logits, choose, ends, max_new_tokens:
         cache, positions = out.past_key_values, positions + 1 + n_accepted
 
 
+def is_token_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(t, int) for t in prompt)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc: str = "generating",
              seed: int | None = None, stats: GenerationStats | None = None,
              show_progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[list[Generation]]:
     """num_return_sequences generations per prompt, in the prompts' order.
 
-    prompts: chat messages (rendered with the tokenizer's chat template) or already rendered strings.
+    prompts: chat messages (rendered with the tokenizer's chat template), already rendered strings, or token ids.
     shard (index, count): generate only every count-th batch from index on (several processes: utils.processes);
     the other prompts' lists stay empty. Batches are formed as with one process, so each holds the same prompts.
     """
-    texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    results: list[list[Generation]] = [[] for _ in texts]
+    encoded = [list(p) if is_token_ids(p) else
+               tokenizer(p if isinstance(p, str) else render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+               for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    results: list[list[Generation]] = [[] for _ in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     k = settings.num_return_sequences
     choose, ends = _token_chooser(settings), _stop_rule(tokenizer, settings)

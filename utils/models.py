@@ -186,16 +186,60 @@ def merged_policy_base(config: dict, ckpt: str | Path | None, device: torch.devi
     """
     from peft import PeftModel
 
-    model = load_model(config["model"]["path"], None, device, dtype)
     if ckpt is None:
-        return model, []
+        return load_model(config["model"]["path"], None, device, dtype), []
     if not is_adapter(ckpt):
         return load_model(config["model"]["path"], ckpt, device, dtype), []
+    # merged in float32, then cast: the frozen weights are then exactly those 10_evaluate.py runs
+    model = load_model(config["model"]["path"], None, device, torch.float32)
     adapters = base_adapters(ckpt) + [str(ckpt)]
     for adapter in adapters:
         with _loading(adapter):
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model, adapters
+    return model.to(dtype), adapters
+
+
+class MergedCopy:
+    """A plain model holding a LoRA policy's current weights merged (W + scale * B @ A), in the frozen weights'
+    dtype, for generation: rollouts and validation decode a few rows at a time, where an unmerged adapter's two
+    extra matmuls per layer and, under autocast, the per-step casts of every weight are most of a decode step.
+
+    `model()` returns the copy, refreshed from the live adapter when `version` changed since the last call (a
+    stage passes its optimizer step); refreshing rewrites only the adapted layers' weights from the frozen base
+    and the adapter, so no rounding accumulates over steps. It costs one extra copy of the weights in memory."""
+
+    def __init__(self, peft_model):
+        import copy
+
+        from peft.tuners.lora import LoraLayer
+
+        with torch.no_grad():
+            self.copy = copy.deepcopy(peft_model).merge_and_unload().eval()
+        # a trainer's per-instance wrappers came along in the copy: trl's fused LM head replaces `forward` with one
+        # that calls the *original* model's (in training mode: no KV cache), and gradient checkpointing adds a hook
+        # that makes inputs require grad; the copy runs the class's own forward
+        vars(self.copy).pop("forward", None)
+        self.copy.disable_input_require_grads()
+        for parameter in self.copy.parameters():
+            parameter.requires_grad_(False)
+        prefix = "base_model.model."
+        targets = dict(self.copy.named_modules())
+        self.layers = [(layer, targets[name[len(prefix):]]) for name, layer in peft_model.named_modules()
+                       if isinstance(layer, LoraLayer)]
+        self.version = None
+
+    @torch.no_grad()
+    def model(self, version=None):
+        if version is None or version != self.version:
+            for layer, target in self.layers:
+                base = layer.get_base_layer().weight
+                merged = base.float()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        merged = merged + layer.get_delta_weight(adapter).float()
+                target.weight.copy_(merged.to(target.weight.dtype))
+            self.version = version
+        return self.copy
 
 
 def save_adapter(model, tokenizer, dest: str | Path, adapters: list[str]) -> Path:

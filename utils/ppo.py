@@ -5,7 +5,10 @@ Design
 - Policy: the SFT model with its LoRA merged in (utils.models.merged_policy_base) plus one new trainable LoRA
   adapter (peft get_peft_model with utils.models.lora_config). Only the adapter and the value head train.
 - Reference policy: the same model with the adapter switched off (`with policy.disable_adapter():`), i.e.
-  exactly the SFT model, so there is no second copy of the weights in memory.
+  exactly the SFT model, so there is no second copy of the weights in memory for it.
+- Rollouts: sampled from a merged copy of the policy (utils.models.MergedCopy, refreshed after each update), which
+  decodes without the adapter's extra matmuls; log-probs, reference log-probs and values come from the policy
+  itself, so the first probability ratio is still exactly 1.
 - Value head: dropout + Linear(hidden, 1) on the policy's last hidden states (after the final norm), shared
   trunk with the policy (as trl's AutoModelForCausalLMWithValueHead). It is zero-initialised, so the first
   values are 0, and kept in float32 whatever the model's dtype. Policy and value head live in one module
@@ -43,6 +46,7 @@ import torch.nn as nn
 
 from utils.config import ConfigError
 from utils.generation import GenerationSettings, GenerationStats, generate
+from utils.models import MergedCopy
 from utils.prompts import render_prompt
 
 REWARD_COMPONENTS = ("format_ok", "program_valid", "exec_match", "numeric_match", "partial_program")
@@ -347,6 +351,11 @@ class PPOTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rng = random.Random(seed + 7919 * self.accelerator.process_index)
         self.n_steps = 0
+        self.policy_copy = MergedCopy(policy)  # rollouts decode from it (merged adapter, no per-step casts)
+
+    def generation_model(self, step: int | None = None):
+        """The merged copy of the policy as it is after `step` updates (default: now), for generation."""
+        return self.policy_copy.model(self.n_steps if step is None else step)
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -389,7 +398,7 @@ class PPOTrainer:
         started = time.time()
         gen_stats = GenerationStats()
         seed = self.seed + 1_000_003 * self.n_steps + 7919 * self.accelerator.process_index
-        generations = [group[0] for group in generate(self.policy, self.tokenizer, texts, self.generation,
+        generations = [group[0] for group in generate(self.generation_model(), self.tokenizer, texts, self.generation,
                                                       seed=seed, stats=gen_stats, show_progress=False)]
         # an empty response still needs one token to carry its score
         responses = [g.token_ids or [self.tokenizer.eos_token_id] for g in generations]

@@ -14,6 +14,8 @@ Design
   (trl's generation_batch_size = their product; one generation per step, so the update is on-policy) and
   back-propagates them micro_batch_size at a time (gradient accumulation). Both methods read the same keys, so
   their defaults spend the same budget; the manifest records it, with the tokens actually generated.
+- Rollouts: the project's generation path on a merged copy of the policy (serve_rollouts, utils.models.MergedCopy)
+  in place of trl's `generate` on the unmerged adapter; trl's vLLM path when algorithm.use_vllm.
 - Validation: greedy decoding on a slice of val.jsonl (utils.validation.ValidationCallback), at step 0 (the SFT
   starting point: the new adapter is still zero) and every eval_every_steps; ckpt_<method>/best is the best of
   these by mean reward, ckpt_<method>/final the last step. Both are adapters saved with utils.models.save_adapter,
@@ -30,8 +32,11 @@ when num_iterations > 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
+import inspect
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -44,8 +49,8 @@ from utils import processes
 from utils.cli import ConfigFlag, setup_logging, stage_dir, stage_parser
 from utils.config import ConfigError
 from utils.finqa_data import hf_dataset
-from utils.generation import settings_from_config
-from utils.models import configure_torch, count_parameters, lora_config
+from utils.generation import GenerationSettings, generate, settings_from_config
+from utils.models import MergedCopy, configure_torch, count_parameters, lora_config
 from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import stage_run, write_json_atomic
 from utils.stages import STAGES
@@ -293,6 +298,12 @@ def rollout_budget(config: dict) -> dict:
     }
 
 
+def rollout_settings(config: dict, budget: dict) -> GenerationSettings:
+    """Sampling as trl's GRPOConfig / RLOOConfig get it from the budget (top_k off); rows end at end-of-turn."""
+    return settings_from_config(config, sampled=True, max_new_tokens=budget["max_completion_length"],
+                                temperature=budget["temperature"], top_p=budget["top_p"], stop_at_json_end=False)
+
+
 def micro_batch_size(config: dict, completions_per_step: int) -> int:
     """Completions per forward/backward pass: algorithm.micro_batch_size (null: training.batch_size), lowered to
     the nearest divisor of the completions per step."""
@@ -330,13 +341,26 @@ def trl_arguments(method: RLMethod, config: dict, out_dir: Path, seed: int, devi
     )
 
 
-def with_autocast(function, compute):
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        with compute.autocast():
-            return function(*args, **kwargs)
+def serve_rollouts(trainer, policy_copy: MergedCopy, tokenizer, settings: GenerationSettings) -> None:
+    """Serve trl's rollouts from the project's generation path (utils.generation) on a merged copy of the policy.
 
-    return wrapper
+    trl's own path (`generate` on the unmerged adapter) spends most of a decode step of a few rows on the adapter's
+    extra matmuls (and, on float32 weights under autocast, on casting every weight). The seam is `_generate_single_turn`, where trl's vLLM path plugs in
+    too: it gets the prompts' token ids (chat template applied) and returns the completions' ids. trl repeats each
+    prompt num_generations times in a row; such a run is prefilled once and sampled num_generations times. Rows stop
+    at end-of-turn / EOS only (not at the end of the JSON), as trl's own do, the stop token kept."""
+    returns_logprobs = "num_generations" in inspect.signature(trainer._generate_single_turn).parameters  # GRPO
+
+    def generate_single_turn(prompt_ids, *args, **kwargs):
+        prompts = [list(ids) for ids in prompt_ids]
+        runs = [len(list(group)) for _, group in itertools.groupby(prompts)]
+        k = runs[0] if len(set(runs)) == 1 else 1
+        groups = generate(policy_copy.model(trainer.state.global_step), tokenizer, prompts[::k],
+                          dataclasses.replace(settings, num_return_sequences=k), show_progress=False)
+        completion_ids = [generation.token_ids for group in groups for generation in group]
+        return (completion_ids, None) if returns_logprobs else completion_ids
+
+    trainer._generate_single_turn = generate_single_turn
 
 
 def make_trainer(method: RLMethod, model, tokenizer, train_dataset, reward_funcs: list, arguments: dict,
@@ -395,7 +419,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
         started = time.time()
         train_rows = rl_train_rows(args, config, run)
         policy = policy_inputs(args, config, run, device, method.name.upper())
-        tokenizer, compute = policy.tokenizer, policy.compute
+        tokenizer = policy.tokenizer
         checkpoints = PolicyCheckpoints(out_dir, method.name, tokenizer, policy.adapters)
         validation = checkpoints.validation(policy.val_rows, policy.calculator,
                                             settings_from_config(config, sampled=False), algo["eval_every_steps"],
@@ -406,8 +430,11 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
                                [timer.timed(function, "reward") for function in recorder.functions],
                                trl_arguments(method, config, out_dir, args.seed, device),
                                [timer, JsonLogCallback(checkpoints.log_path), validation], lora_config(config))
-        # trl's own generation is plain `generate` outside autocast: run it in the stage's precision too
-        trainer._generate = timer.timed(with_autocast(trainer._generate, compute), "generation")
+        policy_copy = MergedCopy(trainer.accelerator.unwrap_model(trainer.model))
+        validation.generation_model = policy_copy.model
+        if not algo["use_vllm"]:
+            serve_rollouts(trainer, policy_copy, tokenizer, rollout_settings(config, budget))
+        trainer._generate = timer.timed(trainer._generate, "generation")
 
         validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
         result = trainer.train()

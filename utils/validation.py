@@ -55,7 +55,8 @@ def validate(model, tokenizer, rows: list[dict], calculator: RewardCalculator, s
 
 class ValidationCallback(TrainerCallback):
     """Every `every` optimizer steps (and at the end): validate, write <folder>/step_N.json, and call
-    on_best(model, summary) when the mean reward beats the best so far."""
+    on_best(model, summary) when the mean reward beats the best so far. `generation_model(step)`, when set, gives
+    the model to generate with in place of the trained one (a method stage's utils.models.MergedCopy.model)."""
 
     def __init__(self, tokenizer, rows: list[dict], calculator: RewardCalculator, settings: GenerationSettings,
                  folder: Path, every: int, seed: int, on_best: Callable | None = None, best_reward: float | None = None):
@@ -64,6 +65,7 @@ class ValidationCallback(TrainerCallback):
         self.best_reward = best_reward
         self.history: list[dict] = []
         self._last_step = -1
+        self.generation_model: Callable | None = None
 
     def run(self, model, step: int) -> dict | None:
         """Validate on the main process (the others wait for it; they return None)."""
@@ -73,7 +75,8 @@ class ValidationCallback(TrainerCallback):
         return summary
 
     def _run(self, model, step: int) -> dict:
-        summary, samples = validate(model, self.tokenizer, self.rows, self.calculator, self.settings, self.seed)
+        generator = self.generation_model(step) if self.generation_model else model
+        summary, samples = validate(generator, self.tokenizer, self.rows, self.calculator, self.settings, self.seed)
         summary["step"] = step
         write_json_atomic(self.folder / f"step_{step}.json", {"summary": summary, "samples": samples})
         self.history.append(summary)

@@ -8,6 +8,9 @@ Runs go to outputs/bench_rl/<dtype>/<method> (replaced on the next run of this s
 
     python bench/bench_rl_step.py --policy_ckpt outputs/run_001/03_sft/ckpt_sft/best --steps 4
 
+--before_repo DIR also runs each method, first, with another checkout's stage scripts (e.g. `git worktree add
+/tmp/before <commit>`) in float32: the path before a change, on the same machine in the same run.
+
 Writes bench/results/rl_step.json (or --output).
 """
 from __future__ import annotations
@@ -28,11 +31,21 @@ PARTS = ("generation", "reward", "training", "step")
 DTYPES = ("float32", "bfloat16")
 
 
-def run_method(method: str, dtype: str, steps: int, policy_ckpt: str, extra: list[str]) -> dict:
-    out_dir = REPO_ROOT / "outputs" / "bench_rl" / dtype / method
-    command = [sys.executable, SCRIPTS[method], "--quick_test", "--steps", str(steps), "--policy_ckpt", policy_ckpt,
-               "--output_dir", str(out_dir), "--overwrite", "--set", f"model.dtype={dtype}", *extra]
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
+def model_path() -> Path:
+    """The default model, from this checkout (another checkout's stages read it from here)."""
+    from utils.config import load_config
+
+    config = load_config(str(REPO_ROOT / "configs" / "models" / "smollm2-135m.yaml"))
+    return (REPO_ROOT / config["model"]["path"]).resolve()
+
+
+def run_method(method: str, dtype: str, steps: int, policy_ckpt: str, extra: list[str], repo: Path = REPO_ROOT,
+               name: str | None = None) -> dict:
+    out_dir = REPO_ROOT / "outputs" / "bench_rl" / (name or dtype) / method
+    command = [sys.executable, SCRIPTS[method], "--quick_test", "--steps", str(steps),
+               "--policy_ckpt", str(Path(policy_ckpt).resolve()), "--output_dir", str(out_dir), "--overwrite",
+               "--set", f"model.dtype={dtype}", "--set", f"model.path={model_path()}", *extra]
+    subprocess.run(command, cwd=repo, check=True)
     log = json.loads((out_dir / "logs" / "training_log.json").read_text())
     records = [r for r in log if "time_step_s" in r][1:]  # the first step carries the warm-up
     manifest = json.loads((out_dir / "manifest.json").read_text())
@@ -49,18 +62,30 @@ def main() -> None:
     parser.add_argument("--methods", default="ppo,grpo,rloo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every stage (e.g. data.processed_dir=...)")
+    parser.add_argument("--before_repo", default=None, help="another checkout whose stages run first, in float32")
     parser.add_argument("--output", default="bench/results/rl_step.json")
     args = parser.parse_args()
     extra = [item for override in args.overrides for item in ("--set", override)]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results: dict = {}
-    for method in methods:  # float32 and bf16 of one method back to back: the machine's state is comparable
-        results[method] = {dtype: run_method(method, dtype, args.steps, args.policy_ckpt, extra) for dtype in DTYPES}
+    for method in methods:  # the runs of one method back to back: the machine's state is comparable
+        results[method] = {}
+        if args.before_repo:
+            results[method]["before_float32"] = run_method(method, "float32", args.steps, args.policy_ckpt, extra,
+                                                           Path(args.before_repo).resolve(), "before_float32")
+        results[method].update({dtype: run_method(method, dtype, args.steps, args.policy_ckpt, extra)
+                                for dtype in DTYPES})
         fp32, bf16 = (results[method][d]["mean_seconds"] for d in DTYPES)
-        results[method]["speedup_bf16"] = {part: round(fp32[part] / bf16[part], 2) for part in PARTS
-                                           if bf16[part] > 0.05}
+        results[method]["speedup_bf16"] = speedup(fp32, bf16)
+        if args.before_repo:
+            results[method]["speedup_bf16_over_before"] = speedup(results[method]["before_float32"]["mean_seconds"],
+                                                                  bf16)
     write_result(args.output, {"benchmark": "rl_step", "steps": args.steps, "policy_ckpt": args.policy_ckpt,
-                               **results})
+                               "before_repo": args.before_repo, **results})
+
+
+def speedup(slow: dict, fast: dict) -> dict:
+    return {part: round(slow[part] / fast[part], 2) for part in PARTS if fast[part] > 0.05}
 
 
 if __name__ == "__main__":

@@ -162,3 +162,23 @@ def test_nan_logits_do_not_crash_sampling(tiny_model_dir):
     settings = GenerationSettings(max_new_tokens=6, batch_size=2, do_sample=True, temperature=0.8, top_p=0.9)
     out = generate(model, tokenizer, [prompt_messages("q", "c")] * 2, settings, seed=0, show_progress=False)
     assert len(out) == 2 and all(isinstance(g[0].text, str) for g in out)
+
+
+def test_nucleus_keeps_what_transformers_top_p_keeps_without_sorting_the_vocabulary():
+    from transformers import TopPLogitsWarper
+
+    from utils.generation import nucleus, sample_nucleus
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 3000) * torch.tensor([[0.5], [1.0], [2.0], [4.0], [8.0], [16.0]])  # flat to peaked
+    for top_p in (0.3, 0.9, 0.99):
+        warped = TopPLogitsWarper(top_p)(None, scores.clone())
+        index, probs = nucleus(scores, top_p, candidates=3000)
+        ours = torch.zeros_like(scores).scatter(1, index, probs)
+        assert torch.equal(ours > 0, torch.isfinite(warped))  # the same tokens kept
+        expected = torch.softmax(warped, dim=-1)
+        assert torch.allclose(ours / ours.sum(-1, keepdim=True), expected, atol=1e-6)  # with the same weights
+    assert nucleus(scores[:1], 0.9, candidates=50) is None  # a flat row's nucleus is not among 50 tokens
+    drawn = sample_nucleus(scores[5:].expand(4000, -1), 0.9)
+    kept = torch.isfinite(TopPLogitsWarper(0.9)(None, scores[5:].clone()))[0]
+    assert kept[drawn].all()  # every draw from the nucleus

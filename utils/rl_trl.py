@@ -345,10 +345,11 @@ def serve_rollouts(trainer, policy_copy: MergedCopy, tokenizer, settings: Genera
     """Serve trl's rollouts from the project's generation path (utils.generation) on a merged copy of the policy.
 
     trl's own path (`generate` on the unmerged adapter) spends most of a decode step of a few rows on the adapter's
-    extra matmuls (and, on float32 weights under autocast, on casting every weight). The seam is `_generate_single_turn`, where trl's vLLM path plugs in
-    too: it gets the prompts' token ids (chat template applied) and returns the completions' ids. trl repeats each
-    prompt num_generations times in a row; such a run is prefilled once and sampled num_generations times. Rows stop
-    at end-of-turn / EOS only (not at the end of the JSON), as trl's own do, the stop token kept."""
+    extra matmuls (and, on float32 weights under autocast, on casting every weight). The seam is
+    `_generate_single_turn`, where trl's vLLM path plugs in too: it gets the prompts' token ids (chat template
+    applied) and returns the completions' ids. trl repeats each prompt num_generations times in a row; such a run is
+    prefilled once and sampled num_generations times. Rows stop at end-of-turn / EOS only (not at the end of the
+    JSON), as trl's own do, the stop token kept."""
     returns_logprobs = "num_generations" in inspect.signature(trainer._generate_single_turn).parameters  # GRPO
 
     def generate_single_turn(prompt_ids, *args, **kwargs):

@@ -4,7 +4,8 @@ The same train examples, the same model, LoRA and learning rate, one epoch each 
   before   (--before KEY=VALUE ...) fp32 with the settings 03 ran with before a change, e.g. lora.dropout=0.05
   fp32     trl's SFTTrainer as 03 runs it on a CPU without native bf16: batches of training.batch_size examples
            padded to the longest, float32 throughout
-  bf16     the same with model.dtype bfloat16: bf16 autocast, float32 LoRA parameters, optimizer and loss
+  bf16     the same with model.dtype bfloat16: bf16 frozen weights under bf16 autocast, float32 LoRA
+           parameters, optimizer and loss
   packed   (--packing) bf16 with SFTConfig(packing=True): examples packed best-fit-decreasing into rows of
            max_seq_length tokens, no padding
 Trained tokens/s counts real tokens only. Model FLOPs utilisation = (forward + backward-through-activations

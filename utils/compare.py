@@ -233,12 +233,15 @@ def report_markdown(summary: pd.DataFrame, results: list[Evaluation], cis: dict,
             _table(["run", "method", "exec acc", f"{conf}% CI", "items"], rows), ""]
 
     compute_rows = [[row["run"], row["method"], row.get("train_stage") or "–", row.get("train_wall_time_s"),
-                     row.get("train_tokens"), row.get("train_completions"), row.get("compute_wall_time_s"),
-                     row.get("compute_stages") or "–"] for row in summary.to_dict("records")]
+                     row.get("train_precision") or "–", row.get("train_tokens"), row.get("train_completions"),
+                     row.get("compute_wall_time_s"), row.get("compute_stages") or "–"]
+                    for row in summary.to_dict("records")]
     out += ["## Training compute", "",
-            "Wall time of the stage that trained the checkpoint; tokens and completions where its manifest logs them; "
-            "compute = every training stage the checkpoint needed (e.g. SFT + GRPO).", "",
-            _table(["run", "method", "stage", "wall s", "tokens", "completions", "compute s", "compute stages"],
+            "Wall time of the stage that trained the checkpoint and the number format it computed in; tokens and "
+            "completions where its manifest logs them; compute = every training stage the checkpoint needed (e.g. "
+            "SFT + GRPO).", "",
+            _table(["run", "method", "stage", "wall s", "precision", "tokens", "completions", "compute s",
+                    "compute stages"],
                    [[cell if isinstance(cell, str) else (_compact(cell) if is_number(cell) else "–")
                      for cell in row] for row in compute_rows]), ""]
 

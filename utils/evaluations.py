@@ -188,6 +188,8 @@ class Evaluation:
         return {"train_stage": self.train_dir.name if self.train_dir is not None else None,
                 "train_wall_time_s": wall, "train_tokens": _first(metrics, TOKEN_KEYS),
                 "train_completions": _first(metrics, COMPLETION_KEYS), "train_steps": _first(metrics, ("steps",)),
+                # `auto` is decided per stage: a comparison must show when methods computed in different formats
+                "train_precision": (manifest.get("precision") or {}).get("dtype"),
                 "compute_wall_time_s": compute if self.train_dir is not None else 0.0,
                 "compute_stages": "+".join(stages)}
 

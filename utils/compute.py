@@ -4,8 +4,9 @@
 - CUDA: bfloat16 when the GPU supports it (torch.cuda.is_bf16_supported).
 - CPU: bfloat16 only when /proc/cpuinfo lists avx512_bf16 or amx_bf16 AND a short probe measures bf16 matmuls
   clearly faster than fp32 (>= BF16_MIN_SPEEDUP at a prefill-shaped and a decode-shaped matmul of the model's
-  sizes, the two dtypes timed in alternation, best of several rounds), so nothing gets slower on a CPU where bf16 is emulated (hundreds of times slower on AVX2: there the
-  probe is never run). The figures measured are recorded with the choice.
+  sizes, the two dtypes timed in alternation, best of several rounds), so nothing gets slower on a CPU where bf16
+  is emulated (hundreds of times slower on AVX2: there the probe is never run). The figures measured are recorded
+  with the choice.
 `float32` and `bfloat16` force the format; `float16` is honoured on CUDA and runs as float32 on a CPU.
 
 How each kind of work uses it (the way the field does mixed precision):

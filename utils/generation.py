@@ -492,6 +492,14 @@ def is_token_ids(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(t, int) for t in prompt)
 
 
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A prompt's token ids: given as ids, or a rendered string, or chat messages (the tokenizer's chat template)."""
+    if is_token_ids(prompt):
+        return list(prompt)
+    text = prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc: str = "generating",
              seed: int | None = None, stats: GenerationStats | None = None,
@@ -502,9 +510,7 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     shard (index, count): generate only every count-th batch from index on (several processes: utils.processes);
     the other prompts' lists stay empty. Batches are formed as with one process, so each holds the same prompts.
     """
-    texts = [None if is_token_ids(p) else p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
-    encoded = [list(p) if text is None else tokenizer(text, add_special_tokens=False)["input_ids"]
-               for p, text in zip(prompts, texts)]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[list[Generation]] = [[] for _ in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import REPO
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError, config_diff, load_config
 from utils.runs import StageError, is_completed, prepare_stage_dir, read_manifest, sha256_path, stage_run
 
 MODEL = REPO / "configs" / "models" / "smollm2-135m.yaml"
@@ -123,3 +123,12 @@ def test_algorithm_yaml_becomes_trl_arguments_with_renames_and_clear_errors():
     grpo = load_config(MODEL, REPO / "configs" / "algorithms" / "grpo.yaml")["algorithm"]
     from utils.rl_trl import TRL_KEYS
     assert set(algorithm_arguments(GRPOConfig, grpo, TRL_KEYS + ("loss_type",))) >= {"beta", "warmup_steps"}
+
+
+def test_config_diff_and_keys_added_since():
+    old = {"algorithm": {"steps": 2}}
+    new = {"algorithm": {"steps": 2, "sft_checkpoint": None, "reward_weights": {}, "train_prompts": "all"}}
+    assert len(config_diff(old, new)) == 3  # what run_diff shows
+    # the driver's skip rule: an added key at a null or {} default keeps what the old configuration did
+    assert config_diff(old, new, added_defaults_differ=False) == ["algorithm.train_prompts: (absent) -> 'all'"]
+    assert config_diff(new, old, added_defaults_differ=False)  # a removed key is still a change

@@ -105,7 +105,8 @@ def reward_calls(monkeypatch):
         def wrap(function):
             def reward(completions, **kwargs):
                 values = function(completions, **kwargs)
-                calls.append({"name": function.__name__, "n": len(completions), "values": values, **{
+                calls.append({"name": function.__name__, "n": len(completions), "values": values,
+                              "weights": calculator.weights, **{
                     key: kwargs.get(key) for key in ("id", "target_program", "exe_ans", "table")}})
                 return values
             reward.__name__ = function.__name__
@@ -276,6 +277,33 @@ def test_grpo_trains_on_mixed_prompts_only(run_stage, reward_calls, tmp_path):
     assert manifest["metrics"]["train_prompts"] == "mixed" and manifest["metrics"]["train_examples"] == 2
     assert manifest["inputs"]["candidate_scores"]["path"] == str(scores)
     assert reward_calls and all(set(call["id"]) <= {ids[4], ids[7]} for call in reward_calls)
+
+
+def test_grpo_from_an_earlier_sft_checkpoint_with_its_own_reward_weights(run_stage, reward_calls, capsys):
+    """The two levers a registry variant sets by config: algorithm.sft_checkpoint (a checkpoint inside the run's
+    03_sft) and algorithm.reward_weights (put in place of the run's reward spec's, for this method only)."""
+    run = run_stage
+    assert run("01_prepare_dataset.py") == 0
+    assert run("02_build_rewards.py") == 0
+    assert run("03_sft_train.py", "--quick_test", "--max_steps", "4", "--skip_validation") == 0  # saves 2 and 4
+    earlier = run.stage_dir("03_sft") / "ckpt_sft" / "checkpoints" / "checkpoint-2"
+    assert earlier.is_dir()
+    missing = ("--set", "algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-3", "--output_dir",
+               str(run.root / "missing"))
+    assert run("06_train_grpo.py", "--quick_test", *missing) == 1
+    err = capsys.readouterr().err
+    assert "error: algorithm.sft_checkpoint" in err and "checkpoint-3: folder not found" in err
+    assert read_manifest(run.root / "missing")["status"] == "failed"
+
+    assert run("06_train_grpo.py", "--quick_test", "--steps", "1",
+               "--set", "algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-2",
+               "--set", "algorithm.reward_weights={partial_program: 0.6}") == 0
+    manifest = read_manifest(run.stage_dir("06_grpo"))
+    assert manifest["inputs"]["policy"]["path"] == str(earlier)
+    weights = manifest["reward_weights"]["weights"]
+    assert weights["partial_program"] == 0.6 and weights["exact"] == 1.0
+    assert reward_calls and all(call["weights"].partial_program == 0.6 for call in reward_calls)
+    assert manifest["inputs"]["reward_spec"]["path"].endswith("02_rewards/reward_spec.yaml")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -85,6 +85,8 @@ def test_a_run_completed_before_the_registry_is_up_to_date(tmp_path, monkeypatch
     shared = [f"paths.outputs_dir={outputs}"]
     for key in ("check_data", "prepare", "rewards", "sft", "candidates", "ppo", "grpo", "rloo", "preferences", "dpo"):
         config = load_config(model, OLD_ALGO_CONFIGS.get(key), True, shared)
+        for added_since in ("sft_checkpoint", "reward_weights"):  # keys added later, at defaults that keep the old way
+            config.get("algorithm", {}).pop(added_since, None)
         write_json_atomic(run_dir / OLD_STAGE_FOLDERS[key] / "manifest.json", _old_manifest(key, config))
     for label in ("base", "sft", "ppo", "grpo", "rloo", "dpo"):
         config = load_config(model, None, True, shared)
@@ -128,6 +130,13 @@ def test_a_variant_is_a_planned_stage_with_its_own_label(tmp_path, monkeypatch):
     names = [spec.name for spec in specs]
     assert names.index("04_candidates") < names.index("06_grpo_mixed")
     assert "04_candidates" in dict((s.name, s) for s in specs)["06_grpo_mixed"].depends
+
+    # the reward's partial credit and an earlier SFT checkpoint are config keys too (test_grpo_rloo runs them)
+    specs, resolver = plan_and_resolver(parse_methods("grpo_partial06,grpo_sft50"), settings)
+    specs = {spec.name: spec for spec in specs}
+    partial, early = (resolver.config(specs[name])["algorithm"] for name in ("06_grpo_partial06", "06_grpo_sft50"))
+    assert partial["reward_weights"] == {"partial_program": 0.6} and partial["sft_checkpoint"] is None
+    assert early["sft_checkpoint"] == "ckpt_sft/checkpoints/checkpoint-50" and early["reward_weights"] == {}
 
 
 def test_evaluate_finds_a_variants_checkpoint(tmp_path):

@@ -171,6 +171,26 @@ def number(low: float | None = None, high: float | None = None, *, integer: bool
     return check
 
 
+def reward_weights(value):
+    """algorithm.reward_weights: weights put in place of the run's reward spec's ({} = none)."""
+    from utils.reward import RewardWeights  # utils.reward imports this module
+
+    if not isinstance(value, dict):
+        return "must be a mapping of reward weights, e.g. {partial_program: 0.6} ({} = the run's reward spec)"
+    try:
+        RewardWeights().replaced(value)
+    except ValueError as err:
+        return f"is not valid: {err}"
+    return None
+
+
+def path_inside(value):
+    """A relative path inside a stage folder, or null."""
+    if value is None or isinstance(value, str) and value.strip() and not Path(value).is_absolute():
+        return None
+    return "must be a relative path inside the run's stage folder, or null"
+
+
 COUNT = number(1, integer=True)                       # at least one
 OPTIONAL_COUNT = number(1, integer=True, null=True)   # null = all
 POSITIVE = number(0, low_open=True)
@@ -205,6 +225,7 @@ RULES = {
     "algorithm.top_p": number(0, 1, low_open=True, null=True),
     "algorithm.scale_rewards": one_of("group", "batch", "none"),
     "algorithm.train_prompts": one_of("all", "mixed"),
+    "algorithm.sft_checkpoint": path_inside, "algorithm.reward_weights": reward_weights,
     "algorithm.use_vllm": one_of(True, False), "algorithm.vllm_mode": one_of("colocate", "server"),
     "algorithm.vllm_gpu_memory_utilization": number(0, 1, low_open=True),
     "algorithm.rollout_batch_size": COUNT, "algorithm.mini_batch_size": COUNT,
@@ -284,11 +305,15 @@ def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def config_diff(old: Any, new: Any) -> list[str]:
-    """'key: old -> new' for every flattened (dotted) key whose value differs."""
+def config_diff(old: Any, new: Any, added_defaults_differ: bool = True) -> list[str]:
+    """'key: old -> new' for every flattened (dotted) key whose value differs. added_defaults_differ=False: a key
+    that `old` lacks and `new` holds as null or {} is no difference (a key added to the YAMLs since, whose
+    default keeps what the old configuration did; the driver's skip rule)."""
     a, b = flatten(_normalise(old or {})), flatten(_normalise(new or {}))
     lines = []
     for key in sorted(set(a) | set(b)):
+        if key not in a and not added_defaults_differ and b[key] in (None, {}):
+            continue
         if key not in a:
             lines.append(f"{key}: (absent) -> {b[key]!r}")
         elif key not in b:

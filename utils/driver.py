@@ -31,7 +31,8 @@ paths.outputs_dir may only be set for every stage at once (the run folder must b
 Skip rules, evaluated in plan order. A stage is up to date when all of these hold:
   1. its manifest.json says completed;
   2. its recorded seed and configuration equal what the driver resolves now for it (utils.config.load_config
-     with the same files, --quick_test and overrides; the driver computes this without running the stage);
+     with the same files, --quick_test and overrides; the driver computes this without running the stage); a key
+     added to the YAMLs since the stage ran, at a null or {} default (what it did before), is no change;
   3. every recorded input still hashes to its recorded sha256 (utils.runs.sha256_path) and every recorded
      output still exists.
 Otherwise it re-runs: with --overwrite when its folder is not empty, or, for 03, with --resume when its manifest
@@ -391,7 +392,7 @@ def check_stage(stage_dir: Path, config: dict, seed: int) -> StageCheck:
     if manifest.get("seed") != seed:
         reasons.append(f"seed {manifest.get('seed')} -> {seed}")
         same = False
-    diff = config_diff(manifest.get("config"), config)
+    diff = config_diff(manifest.get("config"), config, added_defaults_differ=False)
     if diff:
         more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
         reasons.append("config changed: " + "; ".join(diff[:3]) + more)

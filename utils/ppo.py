@@ -85,6 +85,8 @@ class PPOSettings:
     max_train_examples: int | None
     train_prompts: str
     candidate_scores: str | None
+    sft_checkpoint: str | None     # the policy it starts from and its reward: read by utils.stage_inputs
+    reward_weights: dict
 
     @classmethod
     def from_config(cls, algo: dict) -> "PPOSettings":

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from utils.config import ConfigError
@@ -97,6 +97,15 @@ class RewardWeights:
         if "numeric_tolerance" in spec:
             values["numeric_tolerance"] = spec["numeric_tolerance"]
         return cls(**values)
+
+    def replaced(self, values: dict) -> RewardWeights:
+        """These weights with some put in place (an RL method's algorithm.reward_weights); names as in to_spec's
+        weights, plus numeric_tolerance."""
+        names = [field.name for field in fields(self)]
+        for key in values:
+            if key not in names:
+                raise ValueError(f"unknown reward weight {key!r} (expected one of {', '.join(names)})")
+        return replace(self, **values)
 
     def to_spec(self) -> dict:
         """The reward_spec.yaml content (from_spec reads it back)."""

@@ -12,6 +12,7 @@ from utils.compute import precision
 from utils.models import is_adapter, load_tokenizer, merged_policy_base, require_checkpoint
 from utils.reward import RewardCalculator, RewardWeights
 from utils.runs import StageError, is_completed
+from utils.stages import STAGES
 
 log = logging.getLogger("finqa_rl")
 
@@ -40,18 +41,27 @@ def reward_spec_path(args, config: dict) -> Path | None:
     return None
 
 
-def reward_calculator(spec: Path | None) -> RewardCalculator:
-    return RewardCalculator(RewardWeights.from_spec(spec) if spec else RewardWeights())
+def reward_calculator(spec: Path | None, replaced: dict | None = None) -> RewardCalculator:
+    """The reward of `spec` (None: DESIGN.md's weights), with the weights in `replaced` (an RL method's
+    algorithm.reward_weights, e.g. {partial_program: 0.6}) put in place of the spec's."""
+    weights = RewardWeights.from_spec(spec) if spec else RewardWeights()
+    if replaced:
+        weights = weights.replaced(replaced)
+    return RewardCalculator(weights)
 
 
 def sft_checkpoint(args, config: dict) -> Path:
-    """--policy_ckpt, else this run's 03_sft/ckpt_sft/best."""
+    """--policy_ckpt, else the checkpoint inside this run's 03_sft that algorithm.sft_checkpoint names (null:
+    the SFT stage's own, ckpt_sft/best), e.g. an earlier trainer checkpoint, ckpt_sft/checkpoints/checkpoint-50."""
     if getattr(args, "policy_ckpt", None):
         return require_checkpoint(args.policy_ckpt)
     folder = upstream_dir(args, config, "sft")
     if not is_completed(folder):
         raise StageError(f"{folder} is not a completed SFT stage (run 03_sft_train.py first, or pass --policy_ckpt)")
-    return require_checkpoint(folder / "ckpt_sft" / "best", "checkpoint")
+    inside = config.get("algorithm", {}).get("sft_checkpoint")
+    if inside is None:
+        return require_checkpoint(folder / STAGES["sft"].checkpoint, "checkpoint")
+    return require_checkpoint(folder / inside, "algorithm.sft_checkpoint")
 
 
 def sft_adapter(args, config: dict, method: str) -> Path:
@@ -98,7 +108,9 @@ def policy_inputs(args, config: dict, run, device, method: str) -> PolicyInputs:
     compute = precision(config, device)
     run.extra["precision"] = compute.record()
     base, adapters = merged_policy_base(config, checkpoint, device, compute.training_weights_dtype)
-    return PolicyInputs(val_rows, checkpoint, spec, reward_calculator(spec), load_tokenizer(config["model"]["path"]),
+    calculator = reward_calculator(spec, config["algorithm"].get("reward_weights"))
+    run.extra["reward_weights"] = calculator.weights.to_spec()
+    return PolicyInputs(val_rows, checkpoint, spec, calculator, load_tokenizer(config["model"]["path"]),
                         compute, base, adapters)
 
 

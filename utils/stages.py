@@ -89,6 +89,12 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
           **_RL, variant_of="grpo", overrides=("algorithm.learning_rate=3.0e-4",)),
     Stage("grpo_t12", "06_grpo_t12", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
           **_RL, variant_of="grpo", overrides=("algorithm.temperature=1.2",)),
+    Stage("grpo_partial06", "06_grpo_partial06", "06_train_grpo.py", "configs/algorithms/grpo.yaml",
+          "ckpt_grpo/final", **_RL, variant_of="grpo", overrides=("algorithm.reward_weights={partial_program: 0.6}",)),
+    # an earlier, less peaked SFT policy: the cpu preset's 03 (73 steps, a checkpoint every 25, the last 2 kept)
+    # keeps checkpoint-50; with other SFT settings, set algorithm.sft_checkpoint to one that 03 kept
+    Stage("grpo_sft50", "06_grpo_sft50", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
+          **_RL, variant_of="grpo", overrides=("algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-50",)),
 )}
 
 STAGE_FOLDERS = {key: stage.folder for key, stage in STAGES.items()}

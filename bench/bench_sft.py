@@ -1,7 +1,9 @@
 """Benchmark: SFT throughput (the 03 path) in float32 and in bf16, and optionally with packed batches.
 
 The same train examples, the same model, LoRA and learning rate, one epoch each way, in this one process:
-  before   (--before KEY=VALUE ...) fp32 with the settings 03 ran with before a change, e.g. lora.dropout=0.05
+  before   (--before KEY=VALUE ...) fp32 with the settings 03 ran with before a change, e.g. lora.dropout=0.05,
+           and trl's fused LM head scoring every position on a CPU (as before utils.training made it score the
+           labelled ones only)
   fp32     trl's SFTTrainer as 03 runs it on a CPU without native bf16: batches of training.batch_size examples
            padded to the longest, float32 throughout
   bf16     the same with model.dtype bfloat16: bf16 frozen weights under bf16 autocast, float32 LoRA
@@ -34,11 +36,11 @@ from utils.config import apply_overrides, load_config  # noqa: E402
 from utils.finqa_data import hf_dataset, load_processed  # noqa: E402
 from utils.compute import precision  # noqa: E402
 from utils.models import configure_torch, load_model, load_tokenizer, lora_config  # noqa: E402
-from utils.training import trainer_arguments  # noqa: E402
+from utils.training import score_labelled_positions_only, trainer_arguments  # noqa: E402
 
 
 def train_once(config: dict, rows: list[dict], packing: bool, seed: int, device, machine: dict,
-               dtype: str) -> dict:
+               dtype: str, every_position: bool = False) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     config = {**config, "model": {**config["model"], "dtype": dtype}}
@@ -55,9 +57,11 @@ def train_once(config: dict, rows: list[dict], packing: bool, seed: int, device,
         dataset = trainer.train_dataset
         lengths = [len(ids) for ids in dataset["input_ids"]]
         example_lengths = ([n for seq in dataset["seq_lengths"] for n in seq] if packing else lengths)
+        score_labelled_positions_only(on_cpu=not every_position)  # trainer_arguments turned it on
         started = time.time()
         trainer.train()
         seconds = time.time() - started
+        score_labelled_positions_only()
     tokens = sum(example_lengths)
     batch = config["training"]["batch_size"]
     if packing:
@@ -68,7 +72,8 @@ def train_once(config: dict, rows: list[dict], packing: bool, seed: int, device,
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     flops = sum(2 * forward_flops(trainer.model.get_base_model(), n, n / 2) for n in example_lengths)
     peak = peak_gflops(machine, getattr(torch, dtype))
-    return {"dtype": dtype, "seconds": round(seconds, 2), "optimizer_steps": trainer.state.global_step,
+    return {"dtype": dtype, "lm_head_scores": "every position" if every_position else "labelled positions",
+            "seconds": round(seconds, 2), "optimizer_steps": trainer.state.global_step,
             "rows": len(lengths), "real_tokens": tokens, "tokens_in_batches": padded_tokens,
             "padding_fraction": round(1 - tokens / padded_tokens, 3),
             "trained_tokens_per_second": round(tokens / seconds, 1),
@@ -98,7 +103,8 @@ def main() -> None:
     if args.before:
         before = apply_overrides(config, args.before)
         runs["before"] = {"overrides": args.before,
-                          **train_once(before, rows, False, args.seed, device, machine, "float32")}
+                          **train_once(before, rows, False, args.seed, device, machine, "float32",
+                                                every_position=True)}
     runs |= {"fp32": train_once(config, rows, False, args.seed, device, machine, "float32"),
             "bf16": train_once(config, rows, False, args.seed, device, machine, "bfloat16")}
     if args.packing:

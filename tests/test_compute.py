@@ -119,3 +119,51 @@ def test_merged_copy_generates_what_the_adapter_computes_and_follows_its_updates
     first = {n: p.clone() for n, p in copy.model(0).state_dict().items()}
     again = copy.model(1).state_dict()
     assert all(torch.equal(first[n], again[n]) for n in first)  # refreshing an unchanged adapter changes nothing
+
+
+def test_fused_lm_head_scores_only_labelled_positions_on_a_cpu(tiny_model_dir, monkeypatch):
+    """trl's fused LM head on a CPU, with score_labelled_positions_only: the vocabulary projection sees only the
+    positions with a label, and the loss and gradients equal trl's own every-position scoring."""
+    from peft import get_peft_model
+    from trl.trainer import utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from utils.config import load_config
+    from utils.models import load_model, lora_config
+    from utils.training import score_labelled_positions_only
+
+    config = load_config("configs/models/smollm2-135m.yaml")
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir, dtype=torch.float32, trainable=True)
+    add_fused_lm_head(model)
+    model = get_peft_model(model, lora_config(config))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    labels = ids.clone()
+    labels[:, :15] = -100   # a prompt of 15 tokens
+    labels[1, 18:] = -100   # and a shorter completion (padding)
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *args: projected.append(hidden.shape[0]) or apply(hidden, *args))
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    try:
+        score_labelled_positions_only(False)   # trl's rule on a CPU: every position
+        every_loss, every_grads = loss_and_grads()
+        score_labelled_positions_only()
+        labelled_loss, labelled_grads = loss_and_grads()
+    finally:
+        score_labelled_positions_only()
+    assert projected == [2 * 19, 5 + 3]         # shifted: 19 positions a row; then the labelled ones only
+    torch.testing.assert_close(labelled_loss, every_loss)
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(labelled_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert any(grad.abs().sum() > 0 for grad in labelled_grads.values())

@@ -167,3 +167,19 @@ def test_fused_lm_head_scores_only_labelled_positions_on_a_cpu(tiny_model_dir, m
     for name, grad in every_grads.items():
         torch.testing.assert_close(labelled_grads[name], grad, rtol=1e-4, atol=1e-6)
     assert any(grad.abs().sum() > 0 for grad in labelled_grads.values())
+
+
+def test_kept_logits_by_index_equal_the_sliced_ones(tiny_model_dir):
+    """utils.models.last_positions: logits_to_keep as indices gives the int slice's logits (in bf16 too), from a
+    contiguous tensor (the LM head then runs as one matmul, not a batched one over copies of its weight)."""
+    from utils.models import last_positions, load_model
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(tiny_model_dir, dtype=dtype).eval()
+        ids = torch.randint(0, model.config.vocab_size, (3, 17))
+        with torch.no_grad():
+            sliced = model(input_ids=ids, logits_to_keep=5).logits
+            indexed = model(input_ids=ids, logits_to_keep=last_positions(5, 17)).logits
+        assert indexed.shape == sliced.shape == (3, 5, model.config.vocab_size)
+        torch.testing.assert_close(indexed, sliced)
+    assert last_positions(1, 17).tolist() == [16]

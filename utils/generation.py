@@ -38,6 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from utils.compute import precision
+from utils.models import last_positions
 from utils.prompts import render_prompt
 
 
@@ -174,7 +175,8 @@ class _Prefix:
 def _run_prefix(model, ids: list[int], device) -> _Prefix:
     if not ids:
         return _Prefix(0, [])
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                logits_to_keep=last_positions(1, len(ids), device))
     cache = out.past_key_values
     return _Prefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers])
 
@@ -298,7 +300,7 @@ def _prefill(model, prefix: _Prefix, suffixes: list[list[int]], chunks: list[lis
         position_ids = (prefix.length + suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = _ChunkCache(buffers, rows, start=width - attention_mask.shape[1], prefix=prefix)
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    past_key_values=cache, use_cache=True, logits_to_keep=last_positions(1, chunk_width, device))
         masks.append(F.pad(attention_mask, (width - attention_mask.shape[1], 0)))
         logits.append(out.logits[:, -1, :])
     positions = torch.tensor([prefix.length + len(ids) for ids in suffixes], device=device)

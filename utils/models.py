@@ -171,6 +171,14 @@ def load_model(model_path: str | Path, ckpt: str | Path | None = None, device: t
     return model
 
 
+def last_positions(n: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """`logits_to_keep` for the last n of a batch's `length` positions, as indices. transformers reads an int as
+    the slice hidden_states[:, -n:], a strided view, and a bf16 matmul on a CPU runs that as a batched matmul over a
+    copy of the 49,152 x 576 LM head per row (0.52 s a call for 8 rows here, against 6 ms); indices gather the kept
+    positions into a contiguous tensor first. The logits are the same."""
+    return torch.arange(length - n, length, device=device)
+
+
 def lora_config(config: dict):
     from peft import LoraConfig
 

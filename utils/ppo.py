@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from utils.config import ConfigError
 from utils.generation import GenerationSettings, GenerationStats, generate
-from utils.models import MergedCopy
+from utils.models import MergedCopy, last_positions
 from utils.prompts import render_prompt
 
 REWARD_COMPONENTS = ("format_ok", "program_valid", "exec_match", "numeric_match", "partial_program")
@@ -274,7 +274,8 @@ class PolicyWithValue(nn.Module):
         with torch.autocast(input_ids.device.type, dtype=self.compute_dtype,
                             enabled=self.compute_dtype != torch.float32):
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              logits_to_keep=n_response + 1, output_hidden_states=True, use_cache=False)
+                              logits_to_keep=last_positions(n_response + 1, input_ids.shape[1], input_ids.device),
+                              output_hidden_states=True, use_cache=False)
         logits = out.logits[:, :-1].float()
         values = self.value_head(out.hidden_states[-1][:, -(n_response + 1):-1].float())
         return logits, values

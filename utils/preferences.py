@@ -494,6 +494,7 @@ def sequence_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, b
     """(sum of log-probs of the response tokens, number of response tokens) per (ids, start). reference=True
     disables the model's LoRA adapter (a PeftModel), which gives the reference policy's numbers."""
     import torch
+    from utils.models import last_positions
 
     device = next(model.parameters()).device
     context = model.disable_adapter() if reference else contextlib.nullcontext()
@@ -516,7 +517,8 @@ def sequence_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, b
                     target_mask[row, offset + start:] = True
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), logits_to_keep=keep, use_cache=False).logits
+                               position_ids=positions.to(device), logits_to_keep=last_positions(keep, width, device),
+                               use_cache=False).logits
                 logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)       # predicts the last keep-1 tokens
                 targets = input_ids[:, width - keep + 1:].to(device)
                 token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

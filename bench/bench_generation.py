@@ -8,6 +8,10 @@ Ways to greedy-decode the same prompts with the same model and stop rules, in th
   hf_batched     transformers' model.generate on batches (left padding, prompts sorted by length)
   one_at_a_time  transformers' model.generate on each prompt alone (the plain loop)
   project_fp32   (when the dtype is not float32) the project path on the float32 model: the path before bf16
+and, with --before_repo DIR, the stage itself: 10_evaluate.py of another checkout (e.g. `git worktree add /tmp/before
+<commit>`) in float32 against this checkout's in --dtype, on the first --n_prompts items of the same split, each
+its own process, with the config's generation settings (their manifests' generation seconds and tokens; the path
+before a change, in the same run);
 and the machine's limit: the measured matmul FLOP/s and memory bandwidth, turned into a tokens/s ceiling for this
 model and these prompts (all FLOPs at peak; and, for decoding one prompt at a time, reading the weights once per
 token). Ratios within one run are the result; absolute figures are this machine's. With --repeats N every path
@@ -20,7 +24,9 @@ Writes bench/results/generation.json (or --output).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -32,7 +38,7 @@ import utils  # noqa: E402,F401  (first: sets the threading environment before t
 import torch  # noqa: E402
 from transformers import StoppingCriteriaList  # noqa: E402
 
-from bench.machine import forward_flops, measure_machine, peak_gflops, weight_bytes, write_result  # noqa: E402
+from bench.machine import REPO_ROOT, forward_flops, measure_machine, peak_gflops, weight_bytes, write_result  # noqa: E402
 from utils.compute import precision  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.finqa_data import load_processed  # noqa: E402
@@ -73,6 +79,21 @@ def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
     return time.time() - started, tokens
 
 
+def stage_generation(repo: Path, dtype: str, policy_ckpt: str, data: Path, n_items: int, name: str,
+                     model_path: str) -> dict:
+    """10_evaluate.py of the checkout `repo` on the first n_items of `data` (a processed split) in `dtype`: the
+    generation figures and the execution accuracy its manifest records."""
+    out_dir = REPO_ROOT / "outputs" / "bench_generation" / name
+    command = [sys.executable, "10_evaluate.py", "--label", name, "--policy_ckpt", str(Path(policy_ckpt).resolve()),
+               "--output_dir", str(out_dir), "--overwrite", "--set", f"model.dtype={dtype}",
+               "--set", f"model.path={Path(model_path).resolve()}", "--set", f"data.processed_dir={data.parent.resolve()}",
+               "--set", f"evaluation.split={data.stem}", "--set", f"evaluation.max_examples={n_items}"]
+    subprocess.run(command, cwd=repo, check=True)
+    metrics = json.loads((out_dir / "manifest.json").read_text())["metrics"]
+    return {"checkout": str(repo), "dtype": dtype, **metrics["generation"],
+            "execution_accuracy": metrics["execution_accuracy"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/models/smollm2-135m.yaml")
@@ -86,6 +107,8 @@ def main() -> None:
                         "the figures are the medians")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="dtype of every path (default: model.dtype auto's choice on this machine)")
+    parser.add_argument("--before_repo", default=None,
+                        help="also time 10_evaluate.py of this other checkout in float32 against this one's")
     parser.add_argument("--output", default="bench/results/generation.json")
     args = parser.parse_args()
 
@@ -187,6 +210,14 @@ def main() -> None:
     if "hf_batched" in result:
         result["speedup_vs_hf_batched"] = round(statistics.median(
             slow[0] / fast[0] for fast, slow in zip(runs["project"], runs["hf_batched"])), 2)
+    if args.before_repo:  # the stage, before and now, each in its own process (the models above are freed first)
+        del model, model_fp32
+        stage = {"before_float32": stage_generation(Path(args.before_repo).resolve(), "float32", args.policy_ckpt,
+                                                    Path(data), len(rows), "before_float32", config["model"]["path"]),
+                 "now": stage_generation(REPO_ROOT, dtype_name, args.policy_ckpt, Path(data), len(rows), "now",
+                                         config["model"]["path"])}
+        stage["speedup_now_vs_before"] = round(stage["before_float32"]["seconds"] / stage["now"]["seconds"], 2)
+        result["stage_10"] = stage
     write_result(args.output, result)
     speedup = result["speedup_vs_one_at_a_time"]
     print(f"project / one-at-a-time: {speedup['median']}x (median of {args.repeats} repeats: {speedup['per_repeat']}); "

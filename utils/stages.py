@@ -91,8 +91,9 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
           **_RL, variant_of="grpo", overrides=("algorithm.temperature=1.2",)),
     Stage("grpo_partial06", "06_grpo_partial06", "06_train_grpo.py", "configs/algorithms/grpo.yaml",
           "ckpt_grpo/final", **_RL, variant_of="grpo", overrides=("algorithm.reward_weights={partial_program: 0.6}",)),
-    # an earlier, less peaked SFT policy: the cpu preset's 03 (73 steps, a checkpoint every 25, the last 2 kept)
-    # keeps checkpoint-50; with other SFT settings, set algorithm.sft_checkpoint to one that 03 kept
+    # an earlier, less peaked SFT policy: a 1-epoch SFT on finqa_core (73 steps, a checkpoint every 25, the last 2
+    # kept: the ablation run's) keeps checkpoint-50; the cpu preset's 3 epochs keep 200 and 219, so there set
+    # sft.algorithm.save_total_limit higher, or algorithm.sft_checkpoint to a checkpoint that 03 kept
     Stage("grpo_sft50", "06_grpo_sft50", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
           **_RL, variant_of="grpo", overrides=("algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-50",)),
 )}

@@ -168,7 +168,7 @@ def test_a_preset_is_a_list_of_driver_sets_the_command_line_overrides(tmp_path, 
     assert "algorithm.steps=8" in g16 and "algorithm.steps=3" not in g16
     assert g16.index("algorithm.num_generations=8") < g16.index("algorithm.num_generations=16")
     sft = next(line for line in text.splitlines() if "03_sft_train.py" in line)
-    assert "algorithm.epochs=1" in sft and "num_generations" not in sft
+    assert "algorithm.epochs=3" in sft and "num_generations" not in sft
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("set: data.raw_dir=x\n")

@@ -212,7 +212,7 @@ def test_stage_rejects_bad_input(run_stage, tmp_path, capsys):
     (not_adapter / "model.safetensors").write_bytes(b"")
     assert run_stage("01_prepare_dataset.py") == 0
     assert run_stage("07_train_rloo.py", "--quick_test", "--policy_ckpt", str(not_adapter)) == 1
-    assert "expected a LoRA adapter folder" in capsys.readouterr().err
+    assert f"error: --policy_ckpt {not_adapter}: expected a LoRA adapter folder" in capsys.readouterr().err
     # vLLM rollouts on a CPU: an error before anything is written, never a fall-back to trl's generate
     for script in ("06_train_grpo.py", "07_train_rloo.py"):
         out = tmp_path / f"vllm_{script}"
@@ -294,6 +294,14 @@ def test_grpo_from_an_earlier_sft_checkpoint_with_its_own_reward_weights(run_sta
     err = capsys.readouterr().err
     assert "error: algorithm.sft_checkpoint" in err and "checkpoint-3: folder not found" in err
     assert read_manifest(run.root / "missing")["status"] == "failed"
+    merged = run.stage_dir("03_sft") / "merged"  # a model folder, not an adapter: the error names the config key
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"")
+    assert run("06_train_grpo.py", "--quick_test", "--set", "algorithm.sft_checkpoint=merged",
+               "--output_dir", str(run.root / "merged_out")) == 1
+    err = capsys.readouterr().err
+    assert f"error: algorithm.sft_checkpoint {merged}: expected a LoRA adapter folder" in err
 
     assert run("06_train_grpo.py", "--quick_test", "--steps", "1",
                "--set", "algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-2",

@@ -89,10 +89,7 @@ class RewardWeights:
         weights = spec.get("weights") or {}
         if not isinstance(weights, dict):
             raise ValueError(f"reward spec key 'weights' must be a mapping, got {type(weights).__name__}")
-        names = [field.name for field in fields(cls) if field.name != "numeric_tolerance"]
-        for key in weights:
-            if key not in names:
-                raise ValueError(f"unknown reward weight {key!r} (expected one of {', '.join(names)})")
+        cls._check_names(weights, [field.name for field in fields(cls) if field.name != "numeric_tolerance"])
         values = dict(weights)
         if "numeric_tolerance" in spec:
             values["numeric_tolerance"] = spec["numeric_tolerance"]
@@ -101,11 +98,15 @@ class RewardWeights:
     def replaced(self, values: dict) -> RewardWeights:
         """These weights with some put in place (an RL method's algorithm.reward_weights); names as in to_spec's
         weights, plus numeric_tolerance."""
-        names = [field.name for field in fields(self)]
-        for key in values:
+        self._check_names(values, [field.name for field in fields(self)])
+        return replace(self, **values)
+
+    @staticmethod
+    def _check_names(keys, names: list[str]) -> None:
+        """Unknown names are errors: a typo would silently keep a default."""
+        for key in keys:
             if key not in names:
                 raise ValueError(f"unknown reward weight {key!r} (expected one of {', '.join(names)})")
-        return replace(self, **values)
 
     def to_spec(self) -> dict:
         """The reward_spec.yaml content (from_spec reads it back)."""

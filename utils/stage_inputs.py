@@ -69,7 +69,10 @@ def sft_adapter(args, config: dict, method: str) -> Path:
     utils.models.load_model rebuilds an adapter stack on model.path, not on a merged checkpoint."""
     ckpt = sft_checkpoint(args, config)
     if not is_adapter(ckpt):
-        raise StageError(f"--policy_ckpt {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
+        source = ("--policy_ckpt" if getattr(args, "policy_ckpt", None)
+                  else "algorithm.sft_checkpoint" if config.get("algorithm", {}).get("sft_checkpoint") is not None
+                  else "SFT checkpoint")
+        raise StageError(f"{source} {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
                          f"{method} on a merged model is not supported")
     return ckpt
 

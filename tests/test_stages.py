@@ -11,7 +11,8 @@ from utils.compare import comparison_config
 from utils.evaluations import COMPUTE_FOLDERS
 from utils.cli import UsageError
 from utils.config import load_config
-from utils.driver import DriverSettings, build_plan, main as driver_main, parse_methods, plan_and_resolver
+from utils.driver import (DriverSettings, build_plan, main as driver_main, parse_methods, plan_and_resolver,
+                          preset_overrides)
 from utils.runs import STAGE_FOLDERS, write_json_atomic
 from utils.stages import METHODS, RL_METHODS, STAGES, VARIANTS, label_checkpoint
 
@@ -137,6 +138,14 @@ def test_a_variant_is_a_planned_stage_with_its_own_label(tmp_path, monkeypatch):
     partial, early = (resolver.config(specs[name])["algorithm"] for name in ("06_grpo_partial06", "06_grpo_sft50"))
     assert partial["reward_weights"] == {"partial_program": 0.6} and partial["sft_checkpoint"] is None
     assert early["sft_checkpoint"] == "ckpt_sft/checkpoints/checkpoint-50" and early["reward_weights"] == {}
+
+    # a PPO variant: its override comes after the preset's 05.algorithm.learning_rate, so it wins
+    settings.overrides = [f"paths.outputs_dir={tmp_path}"]
+    settings.preset = preset_overrides("cpu")[1]
+    specs, resolver = plan_and_resolver(parse_methods("ppo_lr3e5"), settings)
+    spec = {spec.name: spec for spec in specs}["05_ppo_lr3e5"]
+    assert resolver.config(spec)["algorithm"]["learning_rate"] == 3.0e-5
+    assert resolver.config(spec)["algorithm"]["steps"] == 8  # the preset's budget
 
 
 def test_evaluate_finds_a_variants_checkpoint(tmp_path):

@@ -96,6 +96,9 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     # sft.algorithm.save_total_limit higher, or algorithm.sft_checkpoint to a checkpoint that 03 kept
     Stage("grpo_sft50", "06_grpo_sft50", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
           **_RL, variant_of="grpo", overrides=("algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-50",)),
+    # PPO's step on a strong SFT: lr 1e-4 with 2 PPO epochs broke the 3-epoch SFT's format at seed 42
+    Stage("ppo_lr3e5", "05_ppo_lr3e5", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL,
+          variant_of="ppo", overrides=("algorithm.learning_rate=3.0e-5",)),
 )}
 
 STAGE_FOLDERS = {key: stage.folder for key, stage in STAGES.items()}

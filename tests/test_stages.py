@@ -144,8 +144,8 @@ def test_a_variant_is_a_planned_stage_with_its_own_label(tmp_path, monkeypatch):
     settings.preset = preset_overrides("cpu")[1]
     specs, resolver = plan_and_resolver(parse_methods("ppo_lr3e5"), settings)
     spec = {spec.name: spec for spec in specs}["05_ppo_lr3e5"]
-    assert resolver.config(spec)["algorithm"]["learning_rate"] == 3.0e-5
-    assert resolver.config(spec)["algorithm"]["steps"] == 8  # the preset's budget
+    algorithm = resolver.config(spec)["algorithm"]
+    assert algorithm["learning_rate"] == 3.0e-5 and algorithm["steps"] == 8  # the variant's lr, the preset's budget
 
 
 def test_evaluate_finds_a_variants_checkpoint(tmp_path):

@@ -53,25 +53,27 @@ def reward_calculator(spec: Path | None, replaced: dict | None = None) -> Reward
 def sft_checkpoint(args, config: dict) -> Path:
     """--policy_ckpt, else the checkpoint inside this run's 03_sft that algorithm.sft_checkpoint names (null:
     the SFT stage's own, ckpt_sft/best), e.g. an earlier trainer checkpoint, ckpt_sft/checkpoints/checkpoint-50."""
+    return _sft_checkpoint_and_source(args, config)[0]
+
+
+def _sft_checkpoint_and_source(args, config: dict) -> tuple[Path, str]:
+    """sft_checkpoint() and what named it (the flag or key its errors quote)."""
     if getattr(args, "policy_ckpt", None):
-        return require_checkpoint(args.policy_ckpt)
+        return require_checkpoint(args.policy_ckpt), "--policy_ckpt"
     folder = upstream_dir(args, config, "sft")
     if not is_completed(folder):
         raise StageError(f"{folder} is not a completed SFT stage (run 03_sft_train.py first, or pass --policy_ckpt)")
     inside = config.get("algorithm", {}).get("sft_checkpoint")
     if inside is None:
-        return require_checkpoint(folder / STAGES["sft"].checkpoint, "checkpoint")
-    return require_checkpoint(folder / inside, "algorithm.sft_checkpoint")
+        return require_checkpoint(folder / STAGES["sft"].checkpoint, "checkpoint"), "checkpoint"
+    return require_checkpoint(folder / inside, "algorithm.sft_checkpoint"), "algorithm.sft_checkpoint"
 
 
 def sft_adapter(args, config: dict, method: str) -> Path:
     """sft_checkpoint(), which RL and DPO train a new adapter on: it must be a LoRA adapter, since
     utils.models.load_model rebuilds an adapter stack on model.path, not on a merged checkpoint."""
-    ckpt = sft_checkpoint(args, config)
+    ckpt, source = _sft_checkpoint_and_source(args, config)
     if not is_adapter(ckpt):
-        source = ("--policy_ckpt" if getattr(args, "policy_ckpt", None)
-                  else "algorithm.sft_checkpoint" if config.get("algorithm", {}).get("sft_checkpoint") is not None
-                  else "SFT checkpoint")
         raise StageError(f"{source} {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
                          f"{method} on a merged model is not supported")
     return ckpt

@@ -1,6 +1,7 @@
 """Stages 06 (GRPO) and 07 (RLOO) on the tiny model, the advantage estimators, and a toy task both methods learn."""
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -355,6 +356,87 @@ def test_rollouts_come_in_trls_order_and_shape(tiny_model_dir, trainer_class):
         assert 1 <= len(completion) <= 6 and all(isinstance(t, int) for t in completion)
         assert len(completion) == 6 or completion[-1] in stops
         assert not any(t in stops for t in completion[:-1])
+
+
+def _scoring_batch(pad_id: int):
+    """trl's layout: left-padded prompts, right-padded completions; two prompts with three completions each and one
+    prompt alone, shuffled as trl shuffles a generation batch into micro-batches."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (9, 6, 7)]
+    rows = []
+    for prompt, n_completions in zip(prompts, (3, 3, 1)):
+        for _ in range(n_completions):
+            n = int(torch.randint(1, 6, (1,), generator=generator))
+            rows.append((prompt, torch.randint(3, 200, (n,), generator=generator).tolist()))
+    rows = [rows[i] for i in (3, 0, 6, 5, 1, 4, 2)]
+    width_p, width_c = max(len(p) for p, _ in rows), max(len(c) for _, c in rows)
+    ids = torch.full((len(rows), width_p + width_c), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, completion) in enumerate(rows):
+        ids[i, width_p - len(prompt): width_p + len(completion)] = torch.tensor(prompt + completion)
+        mask[i, width_p - len(prompt): width_p + len(completion)] = 1
+    return ids, mask, width_c
+
+
+@pytest.mark.parametrize("trainer_name", ["GRPOTrainer", "RLOOTrainer"])
+def test_shared_prompt_scoring_matches_trl(tiny_model_dir, trainer_name):
+    """score_shared_prompts gives trl's log-probabilities, entropies and LoRA gradients, in trl's row order, with
+    the adapter on (training pass) and off (reference pass), and hands back to trl's own path where it must."""
+    import trl
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    config = load_config("configs/models/smollm2-135m.yaml", "configs/algorithms/grpo.yaml", True,
+                         [f"model.path={tiny_model_dir}"])
+    model = load_model(tiny_model_dir, trainable=True)
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    policy = get_peft_model(model, lora_config(config))
+    torch.manual_seed(0)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B = 0 would hide a wrong gradient path
+            torch.nn.init.normal_(parameter, std=0.05)
+    policy.train()
+    # float32 (accelerate's process-wide state keeps an earlier test's bf16 autocast), nothing to unwrap
+    scorer = SimpleNamespace(accelerator=SimpleNamespace(autocast=contextlib.nullcontext, unwrap_model=lambda m: m,
+                                                         is_main_process=True))
+    trls = getattr(trl, trainer_name)._get_per_token_logps_and_entropies
+    scorer._get_per_token_logps_and_entropies = lambda *args, **kwargs: trls(scorer, *args, **kwargs)
+    calls = []
+    original = scorer._get_per_token_logps_and_entropies
+    scorer._get_per_token_logps_and_entropies = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    rl_trl.score_shared_prompts(scorer)
+    ids, mask, n = _scoring_batch(load_tokenizer(tiny_model_dir).pad_token_id)
+    completion_mask = mask[:, -n:].bool()
+    assert [len(g) for g in rl_trl.prompt_groups(ids[:, :-n], mask[:, :-n])] == [3, 3, 1]
+
+    def scored(function):
+        policy.zero_grad()
+        logps, entropies, _ = function(policy, ids, mask, n, batch_size=2, compute_entropy=True)
+        (logps[completion_mask].sum() + entropies[completion_mask].sum()).backward()
+        grads = {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+        return logps.detach(), entropies.detach(), grads
+
+    shared, calls_before = scored(scorer._get_per_token_logps_and_entropies), len(calls)
+    reference = scored(lambda *a, **k: trls(scorer, *a, **k))
+    assert calls_before == 0  # the shared path ran, not trl's
+    torch.testing.assert_close(shared[0][completion_mask], reference[0][completion_mask], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shared[1][completion_mask], reference[1][completion_mask], atol=1e-5, rtol=1e-4)
+    assert shared[2].keys() == reference[2].keys() and len(shared[2]) > 0
+    for name, grad in reference[2].items():  # float32 rounding: ~4e-7 of the norm
+        assert float((shared[2][name] - grad).norm() / grad.norm()) < 1e-5, name
+
+    with torch.no_grad(), policy.disable_adapter():  # the reference pass
+        off, _, _ = scorer._get_per_token_logps_and_entropies(policy, ids, mask, n, batch_size=1)
+        off_trl, _, _ = trls(scorer, policy, ids, mask, n, batch_size=1)
+    torch.testing.assert_close(off[completion_mask], off_trl[completion_mask], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(off[completion_mask], shared[0][completion_mask], atol=1e-3)  # the adapter mattered
+
+    # trl's own path where sharing is not the same computation or saves nothing
+    policy.activation_checkpointing_enable()
+    scorer._get_per_token_logps_and_entropies(policy, ids, mask, n, batch_size=2)
+    policy.activation_checkpointing_disable()
+    scorer._get_per_token_logps_and_entropies(policy, ids[[0, 2]], mask[[0, 2]], n, batch_size=2)
+    assert len(calls) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ Design
   their defaults spend the same budget; the manifest records it, with the tokens actually generated.
 - Rollouts: the project's generation path on a merged copy of the policy (serve_rollouts, utils.models.MergedCopy)
   in place of trl's `generate` on the unmerged adapter; trl's vLLM path when algorithm.use_vllm.
+- Scoring: trl's log-probabilities with each distinct prompt forwarded once per call and its completions on top
+  of its keys and values (score_shared_prompts); the same numbers as trl's per-completion forwards.
 - Validation: greedy decoding on a slice of val.jsonl (utils.validation.ValidationCallback), at step 0 (the SFT
   starting point: the new adapter is still zero) and every eval_every_steps; ckpt_<method>/best is the best of
   these by mean reward, ckpt_<method>/final the last step. Both are adapters saved with utils.models.save_adapter,
@@ -364,6 +366,74 @@ def serve_rollouts(trainer, policy_copy: MergedCopy, tokenizer, settings: Genera
     trainer._generate_single_turn = generate_single_turn
 
 
+def prompt_groups(prompt_ids, prompt_mask) -> list[list[int]]:
+    """Row indices grouped by identical prompt (token ids and attention mask), in order of first appearance."""
+    import torch
+
+    groups: dict[bytes, list[int]] = {}
+    for row, key in enumerate(torch.cat([prompt_ids, prompt_mask], dim=1).cpu().numpy()):
+        groups.setdefault(key.tobytes(), []).append(row)
+    return list(groups.values())
+
+
+def score_shared_prompts(trainer) -> None:
+    """Forward each distinct prompt once when trl scores completions (`_get_per_token_logps_and_entropies`: the
+    reference pass, RLOO's pass for the KL in its reward, and the training pass).
+
+    trl forwards every completion with its own copy of the prompt, and a GRPO/RLOO batch holds num_generations
+    completions of each prompt, the prompt ~90% of each sequence here. In a causal model the prompt's positions do
+    not depend on what follows, so this runs each distinct prompt once (all but its last token, whose output
+    predicts the first completion token), keeps its keys and values, and forwards the completions on top of them
+    through trl's own fused LM head (temperature, entropy): the same log-probabilities and entropies and, with
+    grad, the same gradients (the prompt's activations get the sum of its completions' gradients; nothing here is
+    random: the project's LoRA dropout is 0, and a model with dropout would share its prompt's mask across the
+    group). Each forward holds at most as many tokens as trl's own chunk of `batch_size` sequences. trl's own path
+    runs where this would not be the same computation or would save nothing: gradient checkpointing in training
+    mode (the layers drop the cache), a training pass through DistributedDataParallel (it allows one forward per
+    backward), the MoE aux loss, multimodal inputs, or no prompt that repeats."""
+    import torch
+    from transformers import DynamicCache
+
+    original = trainer._get_per_token_logps_and_entropies
+
+    def per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                      compute_entropy=False, compute_aux_loss=False, **inputs):
+        cut = input_ids.shape[1] - logits_to_keep - 1
+        groups = prompt_groups(input_ids[:, :cut + 1], attention_mask[:, :cut + 1])
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        checkpointing = unwrapped.training and any(getattr(m, "gradient_checkpointing", False)
+                                                   for m in unwrapped.modules())
+        ddp_training = torch.is_grad_enabled() and model is not unwrapped
+        if (cut < 1 or len(groups) == len(input_ids) or compute_aux_loss or checkpointing or ddp_training
+                or any(value is not None for value in inputs.values())):
+            return original(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                            compute_aux_loss, **inputs)
+        rows_per_forward = max(1, (batch_size or len(input_ids)) * input_ids.shape[1] // (logits_to_keep + 1))
+        order, logps, entropies = [], [], []
+        for rows in groups:
+            with trainer.accelerator.autocast():
+                prompt = model(input_ids=input_ids[rows[:1], :cut], attention_mask=attention_mask[rows[:1], :cut],
+                               use_cache=True, logits_to_keep=1).past_key_values
+            for start in range(0, len(rows), rows_per_forward):
+                chunk = rows[start: start + rows_per_forward]
+                cache = DynamicCache(ddp_cache_data=[(keys.expand(len(chunk), -1, -1, -1),
+                                                      values.expand(len(chunk), -1, -1, -1))
+                                                     for keys, values, *_ in prompt])
+                suffix, mask = input_ids[chunk, cut:], attention_mask[chunk]
+                labels = suffix.masked_fill(mask[:, cut:] == 0, -100)  # the head scores labels[:, 1:]
+                with trainer.accelerator.autocast():
+                    out = model(input_ids=suffix, attention_mask=mask, past_key_values=cache, labels=labels,
+                                fused_lm_head=True)
+                order += chunk
+                logps.append(out.log_probs[:, -logits_to_keep:])
+                if compute_entropy:
+                    entropies.append(out.entropy[:, -logits_to_keep:])
+        back = torch.argsort(torch.tensor(order, device=input_ids.device))  # trl's row order
+        return (torch.cat(logps)[back], torch.cat(entropies)[back] if compute_entropy else None, None)
+
+    trainer._get_per_token_logps_and_entropies = per_token_logps_and_entropies
+
+
 def make_trainer(method: RLMethod, model, tokenizer, train_dataset, reward_funcs: list, arguments: dict,
                  callbacks: list = (), peft_config=None):
     import trl
@@ -435,6 +505,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
         validation.generation_model = policy_copy.model
         if not algo["use_vllm"]:
             serve_rollouts(trainer, policy_copy, tokenizer, rollout_settings(config, budget))
+        score_shared_prompts(trainer)
         trainer._generate = timer.timed(trainer._generate, "generation")
 
         validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero

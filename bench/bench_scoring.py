@@ -1,0 +1,175 @@
+"""Benchmark: how trl scores GRPO/RLOO completions, per completion (trl's own `_get_per_token_logps_and_entropies`)
+against each distinct prompt once (utils.rl_trl.score_shared_prompts), at the study's shape.
+
+The policy is built as 06/07 build it: the SFT checkpoint merged into the frozen weights, trl's fused LM head, a
+new LoRA adapter (here with small random B, so that it is in the computation). The batch is what trl scores in
+one step: --prompts train prompts (chat template) x --group completions each, the completions the prompt's gold
+answer cut at random lengths up to --max_completion tokens (left-padded prompts, right-padded completions).
+Timed in one process, in the compute dtype (default: what model.dtype auto picks here), best of --repeats, the two
+ways in turn:
+  no_grad   the whole batch without grad, in trl's chunks of --micro rows (the reference pass; RLOO's pass for
+            its KL-in-reward as well)
+  training  forward and backward of one micro-batch of --micro rows drawn from the shuffled batch, as trl's
+            micro-batches are (trl shuffles a generation batch before splitting it)
+Agreement: the two ways' per-token log-probabilities of the completion tokens (max and mean absolute difference),
+beside trl's own path in the compute dtype against float32 weights, the scale of rounding.
+
+    python bench/bench_scoring.py --policy_ckpt outputs/study_sft3/03_sft/ckpt_sft/best \
+        --set data.processed_dir=datasets/finqa_core_processed
+
+Writes bench/results/scoring.json (or --output).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import utils  # noqa: E402,F401  (first: sets the threading environment before torch loads)
+
+import torch  # noqa: E402
+
+from bench.machine import REPO_ROOT, write_result  # noqa: E402
+from utils import rl_trl  # noqa: E402
+from utils.compute import precision  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.finqa_data import load_processed  # noqa: E402
+from utils.models import configure_torch, load_tokenizer, lora_config, merged_policy_base  # noqa: E402
+from utils.prompts import render_prompt  # noqa: E402
+
+
+def scoring_batch(tokenizer, rows: list[dict], group: int, max_completion: int, seed: int):
+    """trl's layout: [left-padded prompt | right-padded completion] for group completions of each row."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        prompt = tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
+        answer = (answer + [tokenizer.eos_token_id])[:max_completion]
+        pairs += [(prompt, answer[:rng.randint(max(1, len(answer) // 2), len(answer))]) for _ in range(group)]
+    width_p, width_c = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
+    ids = torch.full((len(pairs), width_p + width_c), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, completion) in enumerate(pairs):
+        ids[i, width_p - len(prompt): width_p + len(completion)] = torch.tensor(prompt + completion)
+        mask[i, width_p - len(prompt): width_p + len(completion)] = 1
+    return ids, mask, width_c
+
+
+def build_policy(config: dict, ckpt: str, dtype: torch.dtype, temperature: float, seed: int):
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    base, _ = merged_policy_base(config, ckpt, torch.device("cpu"), dtype)
+    add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy"))
+    policy = get_peft_model(base, lora_config(config))
+    torch.manual_seed(seed)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=1e-3)
+    return policy
+
+
+def scorers(autocast) -> dict:
+    """trl's own scoring and the shared-prompt one, as a trainer would hold them."""
+    import trl
+
+    trls = trl.GRPOTrainer._get_per_token_logps_and_entropies
+    plain = SimpleNamespace(accelerator=SimpleNamespace(autocast=autocast, unwrap_model=lambda m: m,
+                                                        is_main_process=True))
+    plain._get_per_token_logps_and_entropies = lambda *args, **kwargs: trls(plain, *args, **kwargs)
+    shared = SimpleNamespace(accelerator=plain.accelerator)
+    shared._get_per_token_logps_and_entropies = plain._get_per_token_logps_and_entropies
+    rl_trl.score_shared_prompts(shared)
+    return {"trl": plain._get_per_token_logps_and_entropies, "shared": shared._get_per_token_logps_and_entropies}
+
+
+def best_seconds(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy_ckpt", required=True, help="the SFT checkpoint 06/07 start from")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step (the study: 2)")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (the study: 8)")
+    parser.add_argument("--micro", type=int, default=4, help="rows per micro-batch (the study: training.batch_size 4)")
+    parser.add_argument("--max_completion", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output", default="bench/results/scoring.json")
+    args = parser.parse_args()
+
+    config = load_config(str(REPO_ROOT / "configs/models/smollm2-135m.yaml"),
+                         str(REPO_ROOT / "configs/algorithms/grpo.yaml"), False, args.overrides)
+    configure_torch(config)
+    compute = precision(config)
+    tokenizer = load_tokenizer(config["model"]["path"])
+    rows = load_processed(Path(config["data"]["processed_dir"]) / "train.jsonl", limit=args.prompts)
+    ids, mask, n = scoring_batch(tokenizer, rows, args.group, args.max_completion, args.seed)
+    completion = mask[:, -n:].bool()
+    temperature = config["generation"]["temperature"]
+    policy = build_policy(config, args.policy_ckpt, compute.torch_dtype, temperature, args.seed)
+    ways = scorers(compute.autocast)
+    micro_rows = random.Random(args.seed).sample(range(len(ids)), args.micro)
+
+    def no_grad(way):
+        with torch.no_grad():
+            return ways[way](policy, ids, mask, n, batch_size=args.micro)[0]
+
+    def training(way):
+        policy.zero_grad(set_to_none=True)
+        logps, _, _ = ways[way](policy, ids[micro_rows], mask[micro_rows], n, compute_entropy=True)
+        (logps * completion[micro_rows]).sum().backward()
+
+    policy.eval()
+    no_grad("trl"), no_grad("shared")  # warm-up
+    seconds = {"no_grad": {}, "training": {}}
+    for _ in range(args.repeats):
+        for way in ways:
+            seconds["no_grad"][way] = min(seconds["no_grad"].get(way, 1e9), best_seconds(lambda: no_grad(way), 1))
+    policy.train()
+    training("trl"), training("shared")
+    for _ in range(args.repeats):
+        for way in ways:
+            seconds["training"][way] = min(seconds["training"].get(way, 1e9), best_seconds(lambda: training(way), 1))
+    policy.eval()
+
+    logps = {way: no_grad(way)[completion].float() for way in ways}
+    reference = build_policy(config, args.policy_ckpt, torch.float32, temperature, args.seed)
+    reference.load_state_dict({k: v.float() for k, v in policy.state_dict().items()})
+    with torch.no_grad():
+        float32 = scorers(lambda: torch.autocast("cpu", enabled=False))["trl"](
+            reference.eval(), ids, mask, n, batch_size=args.micro)[0][completion]
+
+    def difference(a, b):
+        return {"max_abs": round(float((a - b).abs().max()), 5), "mean_abs": round(float((a - b).abs().mean()), 6)}
+
+    result = {
+        "benchmark": "scoring",
+        "policy_ckpt": args.policy_ckpt,
+        "precision": compute.record(),
+        "batch": {"prompts": args.prompts, "group": args.group, "rows": len(ids), "micro": args.micro,
+                  "prompt_tokens_mean": round(float(mask[:, :-n].sum(1).float().mean()), 1),
+                  "completion_tokens_mean": round(float(completion.sum(1).float().mean()), 1)},
+        "seconds": {part: {way: round(value, 3) for way, value in by_way.items()} for part, by_way in seconds.items()},
+        "speedup": {part: round(by_way["trl"] / by_way["shared"], 2) for part, by_way in seconds.items()},
+        "logprob_difference": {"shared_vs_trl": difference(logps["shared"], logps["trl"]),
+                               "trl_vs_float32": difference(logps["trl"], float32)},
+    }
+    write_result(args.output, result)
+
+
+if __name__ == "__main__":
+    main()

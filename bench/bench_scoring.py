@@ -40,25 +40,22 @@ from utils.compute import precision  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.finqa_data import load_processed  # noqa: E402
 from utils.models import configure_torch, load_tokenizer, lora_config, merged_policy_base  # noqa: E402
+from utils.ppo import pad_batch  # noqa: E402
 from utils.prompts import render_prompt  # noqa: E402
 
 
 def scoring_batch(tokenizer, rows: list[dict], group: int, max_completion: int, seed: int):
-    """trl's layout: [left-padded prompt | right-padded completion] for group completions of each row."""
+    """trl's layout ([left-padded prompt | right-padded completion], utils.ppo.pad_batch) for group completions of
+    each row. Returns input_ids, attention_mask, completion_mask."""
     rng = random.Random(seed)
-    pairs = []
+    prompts, completions = [], []
     for row in rows:
         prompt = tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
         answer = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
         answer = (answer + [tokenizer.eos_token_id])[:max_completion]
-        pairs += [(prompt, answer[:rng.randint(max(1, len(answer) // 2), len(answer))]) for _ in range(group)]
-    width_p, width_c = max(len(p) for p, _ in pairs), max(len(c) for _, c in pairs)
-    ids = torch.full((len(pairs), width_p + width_c), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, (prompt, completion) in enumerate(pairs):
-        ids[i, width_p - len(prompt): width_p + len(completion)] = torch.tensor(prompt + completion)
-        mask[i, width_p - len(prompt): width_p + len(completion)] = 1
-    return ids, mask, width_c
+        prompts += [prompt] * group
+        completions += [answer[:rng.randint(max(1, len(answer) // 2), len(answer))] for _ in range(group)]
+    return pad_batch(prompts, completions, tokenizer.pad_token_id)
 
 
 def build_policy(config: dict, ckpt: str, dtype: torch.dtype, temperature: float, seed: int):
@@ -89,13 +86,10 @@ def scorers(autocast) -> dict:
     return {"trl": plain._get_per_token_logps_and_entropies, "shared": shared._get_per_token_logps_and_entropies}
 
 
-def best_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return min(times)
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -117,8 +111,8 @@ def main() -> None:
     compute = precision(config)
     tokenizer = load_tokenizer(config["model"]["path"])
     rows = load_processed(Path(config["data"]["processed_dir"]) / "train.jsonl", limit=args.prompts)
-    ids, mask, n = scoring_batch(tokenizer, rows, args.group, args.max_completion, args.seed)
-    completion = mask[:, -n:].bool()
+    ids, mask, completion = scoring_batch(tokenizer, rows, args.group, args.max_completion, args.seed)
+    n, completion = completion.shape[1], completion.bool()
     temperature = config["generation"]["temperature"]
     policy = build_policy(config, args.policy_ckpt, compute.torch_dtype, temperature, args.seed)
     ways = scorers(compute.autocast)
@@ -133,17 +127,16 @@ def main() -> None:
         logps, _, _ = ways[way](policy, ids[micro_rows], mask[micro_rows], n, compute_entropy=True)
         (logps * completion[micro_rows]).sum().backward()
 
-    policy.eval()
-    no_grad("trl"), no_grad("shared")  # warm-up
-    seconds = {"no_grad": {}, "training": {}}
-    for _ in range(args.repeats):
-        for way in ways:
-            seconds["no_grad"][way] = min(seconds["no_grad"].get(way, 1e9), best_seconds(lambda: no_grad(way), 1))
-    policy.train()
-    training("trl"), training("shared")
-    for _ in range(args.repeats):
-        for way in ways:
-            seconds["training"][way] = min(seconds["training"].get(way, 1e9), best_seconds(lambda: training(way), 1))
+    seconds = {}
+    for part, function, mode in (("no_grad", no_grad, policy.eval), ("training", training, policy.train)):
+        mode()
+        for way in ways:  # warm-up
+            function(way)
+        runs = {way: [] for way in ways}
+        for _ in range(args.repeats):  # the two ways in turn
+            for way in ways:
+                runs[way].append(timed(lambda: function(way)))
+        seconds[part] = {way: min(times) for way, times in runs.items()}
     policy.eval()
 
     logps = {way: no_grad(way)[completion].float() for way in ways}

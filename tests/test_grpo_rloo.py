@@ -17,6 +17,7 @@ from utils.config import ConfigError, load_config
 from utils.finqa_data import load_processed
 from utils.generation import stop_token_ids
 from utils.models import MergedCopy, load_model, load_tokenizer, lora_config
+from utils.ppo import pad_batch
 from utils.reward import COMPONENTS, RewardCalculator
 from utils.rl_trl import RewardRecorder, advantage_variance, leave_one_out_advantages, reinforce_advantages, \
     summarize_advantage_variance
@@ -359,8 +360,8 @@ def test_rollouts_come_in_trls_order_and_shape(tiny_model_dir, trainer_class):
 
 
 def _scoring_batch(pad_id: int):
-    """trl's layout: left-padded prompts, right-padded completions; two prompts with three completions each and one
-    prompt alone, shuffled as trl shuffles a generation batch into micro-batches."""
+    """trl's layout (utils.ppo.pad_batch): left-padded prompts, right-padded completions; two prompts with three
+    completions each and one prompt alone, shuffled as trl shuffles a generation batch into micro-batches."""
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (9, 6, 7)]
     rows = []
@@ -369,13 +370,7 @@ def _scoring_batch(pad_id: int):
             n = int(torch.randint(1, 6, (1,), generator=generator))
             rows.append((prompt, torch.randint(3, 200, (n,), generator=generator).tolist()))
     rows = [rows[i] for i in (3, 0, 6, 5, 1, 4, 2)]
-    width_p, width_c = max(len(p) for p, _ in rows), max(len(c) for _, c in rows)
-    ids = torch.full((len(rows), width_p + width_c), pad_id)
-    mask = torch.zeros_like(ids)
-    for i, (prompt, completion) in enumerate(rows):
-        ids[i, width_p - len(prompt): width_p + len(completion)] = torch.tensor(prompt + completion)
-        mask[i, width_p - len(prompt): width_p + len(completion)] = 1
-    return ids, mask, width_c
+    return pad_batch([prompt for prompt, _ in rows], [completion for _, completion in rows], pad_id)
 
 
 @pytest.mark.parametrize("trainer_name", ["GRPOTrainer", "RLOOTrainer"])
@@ -405,8 +400,8 @@ def test_shared_prompt_scoring_matches_trl(tiny_model_dir, trainer_name):
     original = scorer._get_per_token_logps_and_entropies
     scorer._get_per_token_logps_and_entropies = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
     rl_trl.score_shared_prompts(scorer)
-    ids, mask, n = _scoring_batch(load_tokenizer(tiny_model_dir).pad_token_id)
-    completion_mask = mask[:, -n:].bool()
+    ids, mask, completion_mask = _scoring_batch(load_tokenizer(tiny_model_dir).pad_token_id)
+    n, completion_mask = completion_mask.shape[1], completion_mask.bool()
     assert [len(g) for g in rl_trl.prompt_groups(ids[:, :-n], mask[:, :-n])] == [3, 3, 1]
 
     def scored(function):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +33,7 @@ import utils  # noqa: E402,F401  (first: sets the threading environment before t
 
 import torch  # noqa: E402
 
-from bench.machine import REPO_ROOT, write_result  # noqa: E402
+from bench.machine import REPO_ROOT, abs_difference, best_in_turn, cut_gold_answer, write_result  # noqa: E402
 from utils import rl_trl  # noqa: E402
 from utils.compute import precision  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -51,10 +50,8 @@ def scoring_batch(tokenizer, rows: list[dict], group: int, max_completion: int, 
     prompts, completions = [], []
     for row in rows:
         prompt = tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
-        answer = (answer + [tokenizer.eos_token_id])[:max_completion]
         prompts += [prompt] * group
-        completions += [answer[:rng.randint(max(1, len(answer) // 2), len(answer))] for _ in range(group)]
+        completions += [cut_gold_answer(tokenizer, row, max_completion, rng) for _ in range(group)]
     return pad_batch(prompts, completions, tokenizer.pad_token_id)
 
 
@@ -84,12 +81,6 @@ def scorers(autocast) -> dict:
     shared._get_per_token_logps_and_entropies = plain._get_per_token_logps_and_entropies
     rl_trl.score_shared_prompts(shared)
     return {"trl": plain._get_per_token_logps_and_entropies, "shared": shared._get_per_token_logps_and_entropies}
-
-
-def timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -130,13 +121,7 @@ def main() -> None:
     seconds = {}
     for part, function, mode in (("no_grad", no_grad, policy.eval), ("training", training, policy.train)):
         mode()
-        for way in ways:  # warm-up
-            function(way)
-        runs = {way: [] for way in ways}
-        for _ in range(args.repeats):  # the two ways in turn
-            for way in ways:
-                runs[way].append(timed(lambda: function(way)))
-        seconds[part] = {way: min(times) for way, times in runs.items()}
+        seconds[part] = best_in_turn(function, ways, args.repeats)
     policy.eval()
 
     logps = {way: no_grad(way)[completion].float() for way in ways}
@@ -145,9 +130,6 @@ def main() -> None:
     with torch.no_grad():
         float32 = scorers(lambda: torch.autocast("cpu", enabled=False))["trl"](
             reference.eval(), ids, mask, n, batch_size=args.micro)[0][completion]
-
-    def difference(a, b):
-        return {"max_abs": round(float((a - b).abs().max()), 5), "mean_abs": round(float((a - b).abs().mean()), 6)}
 
     result = {
         "benchmark": "scoring",
@@ -158,8 +140,8 @@ def main() -> None:
                   "completion_tokens_mean": round(float(completion.sum(1).float().mean()), 1)},
         "seconds": {part: {way: round(value, 3) for way, value in by_way.items()} for part, by_way in seconds.items()},
         "speedup": {part: round(by_way["trl"] / by_way["shared"], 2) for part, by_way in seconds.items()},
-        "logprob_difference": {"shared_vs_trl": difference(logps["shared"], logps["trl"]),
-                               "trl_vs_float32": difference(logps["trl"], float32)},
+        "logprob_difference": {"shared_vs_trl": abs_difference(logps["shared"], logps["trl"]),
+                               "trl_vs_float32": abs_difference(logps["trl"], float32)},
     }
     write_result(args.output, result)
 

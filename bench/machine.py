@@ -80,6 +80,32 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def best_in_turn(run, ways, repeats: int) -> dict[str, float]:
+    """Best seconds of run(way) for each way, the ways timed in turn (a drifting machine slows each alike), after
+    one warm-up each."""
+    for way in ways:
+        run(way)
+    seconds = {way: float("inf") for way in ways}
+    for _ in range(repeats):
+        for way in ways:
+            started = time.perf_counter()
+            run(way)
+            seconds[way] = min(seconds[way], time.perf_counter() - started)
+    return seconds
+
+
+def abs_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"max_abs": round(float((a - b).abs().max()), 5), "mean_abs": round(float((a - b).abs().mean()), 6)}
+
+
+def cut_gold_answer(tokenizer, row: dict, max_tokens: int, rng) -> list[int]:
+    """A stand-in for a sampled completion: the row's gold answer (+ end of turn), at most max_tokens, cut at a
+    random length from half of it to all of it."""
+    answer = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
+    answer = (answer + [tokenizer.eos_token_id])[:max_tokens]
+    return answer[:rng.randint(max(1, len(answer) // 2), len(answer))]
+
+
 def write_result(path: str | Path, result: dict) -> None:
     result = {"command": " ".join(["python", *sys.argv]), "machine": platform.platform(),
               "processor": platform.processor() or platform.machine(), **result}
@@ -89,11 +115,11 @@ def write_result(path: str | Path, result: dict) -> None:
     print(json.dumps(result, indent=2))
 
 
-if __name__ == "__main__":  # python bench/machine.py: this machine's limits -> bench/results/machine.json
+if __name__ == "__main__":  # python bench/machine.py [OUTPUT]: this machine's limits -> bench/results/machine.json
     sys.path.insert(0, str(REPO_ROOT))
     from utils.compute import cpu_bf16_flags
 
     torch.set_num_threads(2)
     flags = cpu_bf16_flags()
-    write_result(REPO_ROOT / "bench" / "results" / "machine.json",
+    write_result(sys.argv[1] if len(sys.argv) > 1 else REPO_ROOT / "bench" / "results" / "machine.json",
                  {"benchmark": "machine", "cpu_bf16_flags": flags, **measure_machine(bf16=bool(flags))})

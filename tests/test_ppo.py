@@ -9,9 +9,9 @@ import torch
 
 from conftest import REPO
 from utils.config import ConfigError, load_config
-from utils.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, PPOTrainer, ValueHead, compute_gae,
-                       entropy_from_logits, explained_variance, kl_estimate, masked_mean, masked_whiten, pad_batch,
-                       policy_loss, token_rewards, value_loss)
+from utils.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOSettings, PPOTrainer, ValueHead,
+                       compute_gae, entropy_from_logits, explained_variance, gather_logprobs, kl_estimate, masked_mean,
+                       masked_whiten, pad_batch, policy_loss, shared_prefix, token_rewards, value_loss)
 from utils.runs import read_manifest
 
 PPO_CONFIG = REPO / "configs" / "algorithms" / "ppo.yaml"
@@ -143,6 +143,88 @@ def test_pad_batch_and_value_head():
     assert response_mask.tolist() == [[1, 0], [1, 1]]
     head = ValueHead(8, dropout=0.1)
     assert head(torch.randn(2, 3, 8)).shape == (2, 3) and head(torch.randn(2, 3, 8)).abs().sum() == 0
+
+
+def test_pad_batch_keeps_a_shared_prefix_in_the_first_columns():
+    queries, responses = [[5, 6, 7, 8], [5, 6, 9], [5, 6, 7]], [[1], [2, 3], [4]]
+    assert shared_prefix(queries) == 2 and shared_prefix(queries[:1]) == 0
+    assert shared_prefix([[5, 6], [5, 6]]) == 1  # each query keeps one token of its own
+    input_ids, attention, response_mask = pad_batch(queries, responses, pad_id=0, prefix_length=2)
+    assert input_ids.tolist() == [[5, 6, 7, 8, 1, 0], [5, 6, 0, 9, 2, 3], [5, 6, 0, 7, 4, 0]]
+    assert attention.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 0, 1, 1, 1], [1, 1, 0, 1, 1, 0]]
+    assert response_mask.tolist() == [[1, 0], [1, 1], [1, 0]]
+
+
+def test_shared_prefix_forward_matches_whole_rows(tiny_model_dir, one_thread):
+    """PolicyWithValue with the queries' shared prefix forwarded once gives the logits, values and LoRA and value
+    head gradients of forwarding every row whole (float32), with the adapter on and off."""
+    from peft import get_peft_model
+
+    from utils.models import load_model, lora_config
+
+    torch.manual_seed(0)
+    config = load_config(MODEL_CONFIG, PPO_CONFIG, named={"model.path": str(tiny_model_dir)})
+    policy = get_peft_model(load_model(tiny_model_dir), lora_config(config))
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B = 0 would hide a wrong gradient path
+            torch.nn.init.normal_(parameter, std=0.05)
+    model = PolicyWithValue(policy, value_head_dropout=0.0)
+    torch.nn.init.normal_(model.value_head.linear.weight, std=0.1)
+    model.eval()
+    prefix = torch.randint(10, 200, (6,)).tolist()
+    queries = [prefix + torch.randint(10, 200, (n,)).tolist() for n in (5, 2, 8)]
+    responses = [torch.randint(10, 200, (n,)).tolist() for n in (3, 6, 1)]
+    width = max(map(len, responses))
+    mask = pad_batch(queries, responses, 0)[2].bool()
+
+    def forward(prefix_length: int):
+        model.zero_grad()
+        input_ids, attention_mask, _ = pad_batch(queries, responses, 0, prefix_length=prefix_length)
+        logits, values = model(input_ids, attention_mask, width, prefix_length)
+        (gather_logprobs(logits, input_ids[:, -width:])[mask].sum() + values[mask].sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return logits.detach()[mask], values.detach()[mask], grads
+
+    assert shared_prefix(queries) == 6
+    shared, whole = forward(6), forward(0)
+    torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shared[1], whole[1], atol=1e-5, rtol=1e-4)
+    assert shared[2].keys() == whole[2].keys() and any("lora_A" in name for name in whole[2])
+    for name, grad in whole[2].items():
+        assert float((shared[2][name] - grad).norm() / grad.norm()) < 1e-5, name
+    with torch.no_grad(), policy.disable_adapter():
+        off = [model(*pad_batch(queries, responses, 0, prefix_length=p)[:2], width, p)[0][mask] for p in (6, 0)]
+    torch.testing.assert_close(off[0], off[1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(off[0], shared[0], atol=1e-3)  # the adapter mattered
+
+
+def test_rollout_passes_put_each_row_back_in_its_place(tiny_model_dir, one_thread):
+    """The no-grad passes batch rows of similar length (shared prefix, padding after it): each row's log-probs and
+    values are those of the row forwarded alone."""
+    from peft import get_peft_model
+
+    from utils.generation import GenerationSettings
+    from utils.models import load_model, load_tokenizer, lora_config
+
+    torch.manual_seed(0)
+    config = load_config(MODEL_CONFIG, PPO_CONFIG, named={"model.path": str(tiny_model_dir)})
+    policy = get_peft_model(load_model(tiny_model_dir), lora_config(config))
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    settings = PPOSettings.from_config({**config["algorithm"], "rollout_batch_size": 6, "mini_batch_size": 2})
+    trainer = PPOTrainer(policy, load_tokenizer(tiny_model_dir), None, settings,
+                         GenerationSettings(max_new_tokens=4, do_sample=True, temperature=0.7), seed=0)
+    torch.nn.init.normal_(trainer.unwrapped.value_head.linear.weight, std=0.1)
+    prefix = torch.randint(10, 200, (5,)).tolist()
+    queries = [prefix + torch.randint(10, 200, (n,)).tolist() for n in (7, 1, 4, 9, 2, 3)]
+    responses = [torch.randint(10, 200, (n,)).tolist() for n in (2, 5, 1, 3, 4, 2)]
+    for reference in (False, True):
+        logprobs, values = trainer._forward_no_grad(queries, responses, reference)
+        for row, (query, response) in enumerate(zip(queries, responses)):
+            alone_logprobs, alone_values = trainer._forward_no_grad([query], [response], reference)
+            torch.testing.assert_close(logprobs[row, :len(response)], alone_logprobs[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(values[row, :len(response)], alone_values[0], atol=1e-5, rtol=1e-4)
 
 
 def test_settings_from_the_config_file():

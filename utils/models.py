@@ -179,6 +179,24 @@ def last_positions(n: int, length: int, device: torch.device | str | None = None
     return torch.arange(length - n, length, device=device)
 
 
+def prefix_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list:
+    """Keys and values of one prefix (a batch of 1), per layer, to forward continuations on top of (rows_cache)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                logits_to_keep=last_positions(1, input_ids.shape[1], input_ids.device))
+    return [(keys, values) for keys, values, *_ in out.past_key_values]
+
+
+def rows_cache(prefix: list, rows: int):
+    """The prefix's keys and values seen as `rows` rows (views, no copies), each row continuing on its own. In a
+    causal model the prefix's positions do not depend on what follows, so the continuations' outputs are those of
+    full-length forwards; with grad, every row's gradient flows back into the one prefix (the sum a batch of
+    copies would get)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                                        for keys, values in prefix])
+
+
 def lora_config(config: dict):
     from peft import LoraConfig
 

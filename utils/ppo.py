@@ -8,11 +8,15 @@ Design
   exactly the SFT model, so there is no second copy of the weights in memory for it.
 - Rollouts: sampled from a merged copy of the policy (utils.models.MergedCopy, refreshed after each update), which
   decodes without the adapter's extra matmuls; log-probs, reference log-probs and values come from the policy
-  itself, so the first probability ratio is still exactly 1.
+  itself, so the first probability ratio is still 1 (to rounding).
 - Value head: dropout + Linear(hidden, 1) on the policy's last hidden states (after the final norm), shared
   trunk with the policy (as trl's AutoModelForCausalLMWithValueHead). It is zero-initialised, so the first
   values are 0, and kept in float32 whatever the model's dtype. Policy and value head live in one module
   (PolicyWithValue) so one accelerator.prepare / DDP wrapper covers both.
+- Shared prefix: every query starts with the same system prompt and instructions; the no-grad passes run those
+  tokens once per pass, a training micro-batch (of three rows or more) once for its rows, and each row's own
+  tokens on their keys and values (PolicyWithValue.forward; pad_batch puts the padding after them). The same
+  outputs and gradients as whole rows, in fewer FLOPs.
 - Reward: the calculator's scalar score is added at the last response token; every response token also gets
   the KL penalty -kl_coef * (logp - ref_logp) (the k1 estimator; k3 is logged). kl_coef is fixed or adapted
   towards a target KL (Ziegler et al. 2019).
@@ -23,7 +27,7 @@ Design
 
 Implementation details (after trl's old PPOTrainer and "The N implementation details of RLHF with PPO"):
 logprobs are taken from logits divided by the sampling temperature; dropout is off in the policy (it is kept
-in eval mode, so the first minibatch's probability ratio is exactly 1), the value head keeps its own dropout;
+in eval mode, so the first minibatch's probability ratio is 1), the value head keeps its own dropout;
 position ids follow the attention mask, as in generation, so left padding does not shift positions; Adam eps
 1e-5; advantages are whitened with the mean shifted, rewards are not; values are clipped around the rollout's
 values. The sampled responses are scored as returned by utils.generation (up to and including a stop token).
@@ -45,8 +49,8 @@ import torch
 import torch.nn as nn
 
 from utils.config import ConfigError
-from utils.generation import GenerationSettings, GenerationStats, generate
-from utils.models import MergedCopy, last_positions
+from utils.generation import GenerationSettings, GenerationStats, generate, shared_prefix_length
+from utils.models import MergedCopy, last_positions, prefix_cache, rows_cache
 from utils.prompts import render_prompt
 
 REWARD_COMPONENTS = ("format_ok", "program_valid", "exec_match", "numeric_match", "partial_program")
@@ -265,20 +269,37 @@ class PolicyWithValue(nn.Module):
         self.value_head = ValueHead(policy.config.get_text_config().hidden_size, value_head_dropout)
         self.compute_dtype = compute_dtype  # the policy runs under autocast to it; the value head in float32
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                n_response: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids: [left-padded query | right-padded response], the response in the last n_response
-        columns. Returns logits (b, n_response, vocab) predicting each response token and values (b,
-        n_response) of the states before it (both from position t - 1, as a causal LM predicts token t)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
+                prefix_length: int = 0, prefix: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids: pad_batch's [shared prefix | left-padded rest of the query | right-padded response], the
+        response in the last n_response columns. Returns logits (b, n_response, vocab) predicting each response
+        token and values (b, n_response) of the states before it (both from position t - 1, as a causal LM predicts
+        token t). The first prefix_length columns, the same in every row, are forwarded once: the same outputs and
+        gradients as forwarding every row whole, in fewer FLOPs. prefix: their keys and values when already
+        computed (prefix_cache; a no-grad pass runs them once for all its chunks)."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype,
-                            enabled=self.compute_dtype != torch.float32):
+        cache = None
+        if prefix_length:
+            cache = rows_cache(prefix if prefix is not None else self.prefix(input_ids[:1, :prefix_length]),
+                               len(input_ids))
+            input_ids, position_ids = input_ids[:, prefix_length:], position_ids[:, prefix_length:]
+        with self.autocast():
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=cache, use_cache=cache is not None,
                               logits_to_keep=last_positions(n_response + 1, input_ids.shape[1], input_ids.device),
-                              output_hidden_states=True, use_cache=False)
+                              output_hidden_states=True)
         logits = out.logits[:, :-1].float()
         values = self.value_head(out.hidden_states[-1][:, -(n_response + 1):-1].float())
         return logits, values
+
+    def prefix(self, input_ids: torch.Tensor) -> list:
+        """Keys and values of one prefix (input_ids of shape (1, n)), for forward's rows to continue from."""
+        with self.autocast():
+            return prefix_cache(self.policy, input_ids)
+
+    def autocast(self):
+        return torch.autocast(self.value_head.linear.weight.device.type, dtype=self.compute_dtype,
+                              enabled=self.compute_dtype != torch.float32)
 
     def train_mode(self) -> None:
         """Dropout off in the policy (ratio 1 on the first minibatch), on in the value head."""
@@ -286,20 +307,31 @@ class PolicyWithValue(nn.Module):
         self.value_head.train()
 
 
-def pad_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[pad.. query | response ..pad] so every response starts at the same column.
-    Returns input_ids (b, P + R), attention_mask (b, P + R), response_mask (b, R)."""
+def pad_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device | str = "cpu",
+              prefix_length: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[pad.. query | response ..pad] so every response starts at the same column; with prefix_length, the queries'
+    first prefix_length tokens (the same in each) stay in the first columns, the padding after them:
+    [prefix | pad.. rest of query | response ..pad]. Returns input_ids (b, P + R), attention_mask (b, P + R),
+    response_mask (b, R)."""
     n_query, n_response = max(map(len, queries)), max(map(len, responses))
     input_ids = torch.full((len(queries), n_query + n_response), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     response_mask = torch.zeros((len(queries), n_response), dtype=torch.long)
     for i, (query, response) in enumerate(zip(queries, responses)):
-        input_ids[i, n_query - len(query): n_query] = torch.tensor(query)
+        input_ids[i, :prefix_length] = torch.tensor(query[:prefix_length], dtype=torch.long)
+        input_ids[i, n_query - len(query) + prefix_length: n_query] = torch.tensor(query[prefix_length:])
         input_ids[i, n_query: n_query + len(response)] = torch.tensor(response)
-        attention_mask[i, n_query - len(query): n_query + len(response)] = 1
+        attention_mask[i, :prefix_length] = 1
+        attention_mask[i, n_query - len(query) + prefix_length: n_query + len(response)] = 1
         response_mask[i, : len(response)] = 1
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
+
+
+def shared_prefix(queries: list[list[int]], min_rows: int = 2) -> int:
+    """How many leading query tokens a forward over these rows can share (PolicyWithValue.forward): the tokens
+    every query starts with (the system prompt and the instructions, ~180 of ~300 here), each query keeping one of
+    its own; 0 for fewer than min_rows rows."""
+    return shared_prefix_length(queries) if len(queries) >= min_rows else 0
 
 
 def save_value_head(model: PolicyWithValue, dest: str | Path) -> Path:
@@ -373,23 +405,28 @@ class PPOTrainer:
 
     @torch.no_grad()
     def _forward_no_grad(self, queries, responses, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprobs and values of the responses, in minibatch chunks, right-padded to the longest."""
+        """Logprobs and values of the responses, mini_batch_size rows at a time (rows of similar length together,
+        less padding), right-padded to the longest."""
         model, device = self.unwrapped, self.accelerator.device
         model.eval()
         n_response = max(map(len, responses))
         logprobs = torch.zeros(len(queries), n_response, device=device)
         values = torch.zeros(len(queries), n_response, device=device)
-        chunk = self.settings.mini_batch_size
-        for start in range(0, len(queries), chunk):
-            q, r = queries[start: start + chunk], responses[start: start + chunk]
-            input_ids, attention_mask, _ = pad_batch(q, r, self.pad_id, device)
-            width = max(map(len, r))
-            context = model.policy.disable_adapter() if reference else contextlib.nullcontext()
-            with context:
-                logits, v = model(input_ids, attention_mask, width)
-            logprobs[start: start + len(q), :width] = gather_logprobs(logits / self.temperature,
-                                                                      input_ids[:, -width:])
-            values[start: start + len(q), :width] = v
+        by_length = sorted(range(len(queries)), key=lambda i: len(queries[i]) + len(responses[i]))
+        prefix_length = shared_prefix(queries)  # run once for every chunk
+        context = model.policy.disable_adapter() if reference else contextlib.nullcontext()
+        with context:
+            prefix = model.prefix(torch.tensor([queries[0][:prefix_length]], device=device)) if prefix_length else None
+            chunk = self.settings.mini_batch_size
+            for start in range(0, len(queries), chunk):
+                index = by_length[start: start + chunk]
+                q, r = [queries[i] for i in index], [responses[i] for i in index]
+                input_ids, attention_mask, _ = pad_batch(q, r, self.pad_id, device, prefix_length)
+                width = max(map(len, r))
+                logits, v = model(input_ids, attention_mask, width, prefix_length, prefix)
+                rows = torch.tensor(index, device=device)
+                logprobs[rows, :width] = gather_logprobs(logits / self.temperature, input_ids[:, -width:])
+                values[rows, :width] = v
         return logprobs, values
 
     def rollout(self, rows: list[dict], timings: dict) -> Rollout:
@@ -435,7 +472,10 @@ class PPOTrainer:
         s = self.settings
         queries = [batch.queries[i] for i in index]
         responses = [batch.responses[i] for i in index]
-        input_ids, attention_mask, _ = pad_batch(queries, responses, self.pad_id, self.accelerator.device)
+        # with grad the prefix runs once per micro-batch; two rows save one copy of it, which its own forward costs
+        # back (bench/bench_ppo_passes.py: 0.92-0.96x), three or more gain (four: 1.26x)
+        prefix = shared_prefix(queries, min_rows=3)
+        input_ids, attention_mask, _ = pad_batch(queries, responses, self.pad_id, self.accelerator.device, prefix)
         width = max(map(len, responses))
         rows = torch.tensor(index, device=self.accelerator.device)
 
@@ -443,7 +483,7 @@ class PPOTrainer:
             return x[rows, :width]
 
         mask = take(batch.mask)
-        logits, values = self.model(input_ids, attention_mask, width)
+        logits, values = self.model(input_ids, attention_mask, width, prefix)
         logits = logits / self.temperature
         logprobs = gather_logprobs(logits, input_ids[:, -width:])
         pg_loss, pg_stats = policy_loss(logprobs, take(batch.logprobs), take(batch.advantages), mask, s.clip_range)

@@ -52,7 +52,7 @@ from utils.cli import ConfigFlag, setup_logging, stage_dir, stage_parser
 from utils.config import ConfigError
 from utils.finqa_data import hf_dataset
 from utils.generation import GenerationSettings, generate, settings_from_config
-from utils.models import MergedCopy, configure_torch, count_parameters, lora_config
+from utils.models import MergedCopy, configure_torch, count_parameters, lora_config, prefix_cache, rows_cache
 from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import stage_run, write_json_atomic
 from utils.stages import STAGES
@@ -392,7 +392,6 @@ def score_shared_prompts(trainer) -> None:
     mode (the layers drop the cache), a training pass through DistributedDataParallel (it allows one forward per
     backward), the MoE aux loss, multimodal inputs, or no prompt that repeats."""
     import torch
-    from transformers import DynamicCache
 
     original = trainer._get_per_token_logps_and_entropies
 
@@ -412,13 +411,10 @@ def score_shared_prompts(trainer) -> None:
         order, logps, entropies = [], [], []
         for rows in groups:
             with trainer.accelerator.autocast():
-                prompt = model(input_ids=input_ids[rows[:1], :cut], attention_mask=attention_mask[rows[:1], :cut],
-                               use_cache=True, logits_to_keep=1).past_key_values
+                prompt = prefix_cache(model, input_ids[rows[:1], :cut], attention_mask[rows[:1], :cut])
             for start in range(0, len(rows), rows_per_forward):
                 chunk = rows[start: start + rows_per_forward]
-                cache = DynamicCache(ddp_cache_data=[(keys.expand(len(chunk), -1, -1, -1),
-                                                      values.expand(len(chunk), -1, -1, -1))
-                                                     for keys, values, *_ in prompt])
+                cache = rows_cache(prompt, len(chunk))
                 suffix, mask = input_ids[chunk, cut:], attention_mask[chunk]
                 labels = suffix.masked_fill(mask[:, cut:] == 0, -100)  # the head scores labels[:, 1:]
                 with trainer.accelerator.autocast():

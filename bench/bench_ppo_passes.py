@@ -8,7 +8,8 @@ responses. Timed in one process, in the compute dtype (default: what model.dtype
 --repeats, the two ways in turn:
   no_grad   the policy pass (log-probs and values) and the reference pass (adapter off) over the rollout, in
             chunks of mini_batch_size rows, as PPOTrainer.rollout runs them
-  training  one PPO epoch: forward and backward of every micro-batch of a shuffled order (no optimizer step)
+  training  one PPO epoch: forward and backward of every micro-batch of a shuffled order (no optimizer step);
+            micro-batches of fewer than 3 rows run whole rows either way (PPOTrainer._micro_batch_loss)
 Agreement: the two ways' per-token log-probabilities of the response tokens (max and mean absolute difference),
 beside the whole-row way in the compute dtype against float32 weights, the scale of rounding.
 
@@ -73,7 +74,7 @@ def use(way: str) -> None:
     ppo.shared_prefix = WAYS[way]  # PPOTrainer's forwards look it up at call time
 
 
-def measure(config: dict, args, compute, tokenizer, name: str, shape: dict) -> dict:
+def measure(config: dict, args, compute, tokenizer, shape: dict) -> dict:
     rows = load_processed(Path(config["data"]["processed_dir"]) / "train.jsonl", limit=shape["rows"])
     queries, responses = rollout_tokens(tokenizer, rows, shape["max_response"], args.seed)
     trainer = build_trainer(config, args.policy_ckpt, compute.torch_dtype, shape, tokenizer, args.seed)
@@ -143,7 +144,7 @@ def main() -> None:
     compute = precision(config)
     tokenizer = load_tokenizer(config["model"]["path"])
     shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
-    results = {name: measure(config, args, compute, tokenizer, name, SHAPES[name]) for name in shapes}
+    results = {name: measure(config, args, compute, tokenizer, SHAPES[name]) for name in shapes}
     write_result(args.output, {"benchmark": "ppo_passes", "policy_ckpt": args.policy_ckpt,
                                "precision": compute.record(), **results})
 

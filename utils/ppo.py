@@ -473,7 +473,7 @@ class PPOTrainer:
         queries = [batch.queries[i] for i in index]
         responses = [batch.responses[i] for i in index]
         # with grad the prefix runs once per micro-batch; two rows save one copy of it, which its own forward costs
-        # back (bench/bench_ppo_passes.py: 0.92-0.96x), three or more gain (four: 1.26x)
+        # back (bench/bench_ppo_passes.py: 0.92-0.96x), three or more gain (four: 1.20-1.26x)
         prefix = shared_prefix(queries, min_rows=3)
         input_ids, attention_mask, _ = pad_batch(queries, responses, self.pad_id, self.accelerator.device, prefix)
         width = max(map(len, responses))

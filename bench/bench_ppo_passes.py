@@ -31,13 +31,11 @@ import utils  # noqa: E402,F401  (first: sets the threading environment before t
 
 import torch  # noqa: E402
 
-from bench.machine import REPO_ROOT, abs_difference, best_in_turn, cut_gold_answer, write_result  # noqa: E402
+from bench.machine import (abs_difference, best_in_turn, cut_gold_answer, policy_with_new_adapter,  # noqa: E402
+                           stage_setup, write_result)
 from utils import ppo  # noqa: E402
-from utils.compute import precision  # noqa: E402
-from utils.config import load_config  # noqa: E402
 from utils.finqa_data import load_processed  # noqa: E402
 from utils.generation import GenerationSettings  # noqa: E402
-from utils.models import configure_torch, load_tokenizer, lora_config, merged_policy_base  # noqa: E402
 from utils.prompts import render_prompt  # noqa: E402
 
 SHAPES = {"quick": {"rows": 4, "mini_batch_size": 2, "max_response": 48},  # 05 --quick_test
@@ -53,14 +51,7 @@ def rollout_tokens(tokenizer, rows: list[dict], max_response: int, seed: int):
 
 
 def build_trainer(config: dict, ckpt: str, dtype: torch.dtype, shape: dict, tokenizer, seed: int):
-    from peft import get_peft_model
-
-    base, _ = merged_policy_base(config, ckpt, torch.device("cpu"), dtype)
-    policy = get_peft_model(base, lora_config(config))
-    torch.manual_seed(seed)
-    for name, parameter in policy.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=1e-3)
+    policy = policy_with_new_adapter(config, ckpt, dtype, seed)
     settings = ppo.PPOSettings.from_config({**config["algorithm"], "rollout_batch_size": shape["rows"],
                                             "mini_batch_size": shape["mini_batch_size"]})
     generation = GenerationSettings(max_new_tokens=shape["max_response"], do_sample=True,
@@ -138,11 +129,7 @@ def main() -> None:
     parser.add_argument("--output", default="bench/results/ppo_passes.json")
     args = parser.parse_args()
 
-    config = load_config(str(REPO_ROOT / "configs/models/smollm2-135m.yaml"),
-                         str(REPO_ROOT / "configs/algorithms/ppo.yaml"), False, args.overrides)
-    configure_torch(config)
-    compute = precision(config)
-    tokenizer = load_tokenizer(config["model"]["path"])
+    config, compute, tokenizer = stage_setup("configs/algorithms/ppo.yaml", args.overrides)
     shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
     results = {name: measure(config, args, compute, tokenizer, SHAPES[name]) for name in shapes}
     write_result(args.output, {"benchmark": "ppo_passes", "policy_ckpt": args.policy_ckpt,

@@ -33,12 +33,10 @@ import utils  # noqa: E402,F401  (first: sets the threading environment before t
 
 import torch  # noqa: E402
 
-from bench.machine import REPO_ROOT, abs_difference, best_in_turn, cut_gold_answer, write_result  # noqa: E402
+from bench.machine import (abs_difference, best_in_turn, cut_gold_answer, policy_with_new_adapter,  # noqa: E402
+                           stage_setup, write_result)
 from utils import rl_trl  # noqa: E402
-from utils.compute import precision  # noqa: E402
-from utils.config import load_config  # noqa: E402
 from utils.finqa_data import load_processed  # noqa: E402
-from utils.models import configure_torch, load_tokenizer, lora_config, merged_policy_base  # noqa: E402
 from utils.ppo import pad_batch  # noqa: E402
 from utils.prompts import render_prompt  # noqa: E402
 
@@ -56,17 +54,11 @@ def scoring_batch(tokenizer, rows: list[dict], group: int, max_completion: int, 
 
 
 def build_policy(config: dict, ckpt: str, dtype: torch.dtype, temperature: float, seed: int):
-    from peft import get_peft_model
+    """As 06/07 build it, trl's fused LM head included."""
     from trl.trainer.utils import add_fused_lm_head
 
-    base, _ = merged_policy_base(config, ckpt, torch.device("cpu"), dtype)
-    add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy"))
-    policy = get_peft_model(base, lora_config(config))
-    torch.manual_seed(seed)
-    for name, parameter in policy.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=1e-3)
-    return policy
+    return policy_with_new_adapter(config, ckpt, dtype, seed, lambda base: add_fused_lm_head(
+        base, temperature=temperature, outputs=("log_probs", "entropy")))
 
 
 def scorers(autocast) -> dict:
@@ -96,11 +88,7 @@ def main() -> None:
     parser.add_argument("--output", default="bench/results/scoring.json")
     args = parser.parse_args()
 
-    config = load_config(str(REPO_ROOT / "configs/models/smollm2-135m.yaml"),
-                         str(REPO_ROOT / "configs/algorithms/grpo.yaml"), False, args.overrides)
-    configure_torch(config)
-    compute = precision(config)
-    tokenizer = load_tokenizer(config["model"]["path"])
+    config, compute, tokenizer = stage_setup("configs/algorithms/grpo.yaml", args.overrides)
     rows = load_processed(Path(config["data"]["processed_dir"]) / "train.jsonl", limit=args.prompts)
     ids, mask, completion = scoring_batch(tokenizer, rows, args.group, args.max_completion, args.seed)
     n, completion = completion.shape[1], completion.bool()

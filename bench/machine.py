@@ -106,6 +106,37 @@ def cut_gold_answer(tokenizer, row: dict, max_tokens: int, rng) -> list[int]:
     return answer[:rng.randint(max(1, len(answer) // 2), len(answer))]
 
 
+def stage_setup(algorithm_config: str, overrides: list[str]):
+    """The default model's config with an algorithm's (no quick test) and --set overrides, torch threads set, the
+    compute precision model.dtype picks here, the tokenizer: (config, precision, tokenizer)."""
+    from utils.compute import precision
+    from utils.config import load_config
+    from utils.models import configure_torch, load_tokenizer
+
+    config = load_config(str(REPO_ROOT / "configs/models/smollm2-135m.yaml"), str(REPO_ROOT / algorithm_config),
+                         False, overrides)
+    configure_torch(config)
+    return config, precision(config), load_tokenizer(config["model"]["path"])
+
+
+def policy_with_new_adapter(config: dict, ckpt: str, dtype: torch.dtype, seed: int, prepare_base=None):
+    """The policy as the RL stages build it: the checkpoint merged into the frozen weights (prepare_base(base) runs
+    next, if given), then a new LoRA adapter, here with small random B so that it is in the computation."""
+    from peft import get_peft_model
+
+    from utils.models import lora_config, merged_policy_base
+
+    base, _ = merged_policy_base(config, ckpt, torch.device("cpu"), dtype)
+    if prepare_base is not None:
+        prepare_base(base)
+    policy = get_peft_model(base, lora_config(config))
+    torch.manual_seed(seed)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=1e-3)
+    return policy
+
+
 def write_result(path: str | Path, result: dict) -> None:
     result = {"command": " ".join(["python", *sys.argv]), "machine": platform.platform(),
               "processor": platform.processor() or platform.machine(), **result}

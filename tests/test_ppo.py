@@ -155,9 +155,8 @@ def test_pad_batch_keeps_a_shared_prefix_in_the_first_columns():
     assert response_mask.tolist() == [[1, 0], [1, 1], [1, 0]]
 
 
-def test_shared_prefix_forward_matches_whole_rows(tiny_model_dir, one_thread):
-    """PolicyWithValue with the queries' shared prefix forwarded once gives the logits, values and LoRA and value
-    head gradients of forwarding every row whole (float32), with the adapter on and off."""
+def trained_looking_policy(tiny_model_dir):
+    """The tiny model with a LoRA adapter whose B is not zero (B = 0 would hide a wrong gradient path)."""
     from peft import get_peft_model
 
     from utils.models import load_model, lora_config
@@ -166,8 +165,15 @@ def test_shared_prefix_forward_matches_whole_rows(tiny_model_dir, one_thread):
     config = load_config(MODEL_CONFIG, PPO_CONFIG, named={"model.path": str(tiny_model_dir)})
     policy = get_peft_model(load_model(tiny_model_dir), lora_config(config))
     for name, parameter in policy.named_parameters():
-        if "lora_B" in name:  # a trained adapter: B = 0 would hide a wrong gradient path
+        if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)
+    return policy, config
+
+
+def test_shared_prefix_forward_matches_whole_rows(tiny_model_dir, one_thread):
+    """PolicyWithValue with the queries' shared prefix forwarded once gives the logits, values and LoRA and value
+    head gradients of forwarding every row whole (float32), with the adapter on and off."""
+    policy, _ = trained_looking_policy(tiny_model_dir)
     model = PolicyWithValue(policy, value_head_dropout=0.0)
     torch.nn.init.normal_(model.value_head.linear.weight, std=0.1)
     model.eval()
@@ -201,17 +207,10 @@ def test_shared_prefix_forward_matches_whole_rows(tiny_model_dir, one_thread):
 def test_rollout_passes_put_each_row_back_in_its_place(tiny_model_dir, one_thread):
     """The no-grad passes batch rows of similar length (shared prefix, padding after it): each row's log-probs and
     values are those of the row forwarded alone."""
-    from peft import get_peft_model
-
     from utils.generation import GenerationSettings
-    from utils.models import load_model, load_tokenizer, lora_config
+    from utils.models import load_tokenizer
 
-    torch.manual_seed(0)
-    config = load_config(MODEL_CONFIG, PPO_CONFIG, named={"model.path": str(tiny_model_dir)})
-    policy = get_peft_model(load_model(tiny_model_dir), lora_config(config))
-    for name, parameter in policy.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.05)
+    policy, config = trained_looking_policy(tiny_model_dir)
     settings = PPOSettings.from_config({**config["algorithm"], "rollout_batch_size": 6, "mini_batch_size": 2})
     trainer = PPOTrainer(policy, load_tokenizer(tiny_model_dir), None, settings,
                          GenerationSettings(max_new_tokens=4, do_sample=True, temperature=0.7), seed=0)

@@ -38,7 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from utils.compute import precision
-from utils.models import last_positions
+from utils.models import last_positions, prefix_cache
 from utils.prompts import render_prompt
 
 
@@ -175,10 +175,7 @@ class _Prefix:
 def _run_prefix(model, ids: list[int], device) -> _Prefix:
     if not ids:
         return _Prefix(0, [])
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True,
-                logits_to_keep=last_positions(1, len(ids), device))
-    cache = out.past_key_values
-    return _Prefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers])
+    return _Prefix(len(ids), prefix_cache(model, torch.tensor([ids], device=device)))
 
 
 class _PreallocatedLayer(DynamicLayer):

@@ -10,6 +10,9 @@ entries that cannot be used (bad schema, or a gold program that does not reprodu
 and listed by id in the manifest. Val and test are never made smaller: an entry that cannot be prompted there is
 an error naming the ids, and an entry whose gold program does not reproduce exe_ans is kept (FinQA's official
 evaluation scores it) and listed. An id must name one entry: a split with duplicate ids is refused.
+The splits are one set: processed_set.json, written after them, names each split's sha256 and the data settings
+the rows were built with, and every stage that reads a split checks it against that record (a set 01 did not
+finish, or a reader configured with another data.context_mode, is refused).
 """
 import hashlib
 import json
@@ -18,7 +21,7 @@ from pathlib import Path
 from utils.cli import main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.contexts import evidence_kept, prompt_context, summarize_evidence
 from utils.finqa_data import (OFFICIAL_TEST, DataError, build_example, duplicate_ids, entry_id, entry_problem,
-                              load_raw_split, raw_files, write_jsonl)
+                              load_raw_split, processed_set_problem, raw_files, write_jsonl, write_processed_set)
 from utils.finqa_program import execute_program, results_match
 from utils.models import load_tokenizer
 from utils.runs import StageError, sha256_file, stage_run
@@ -112,17 +115,26 @@ def main() -> int:
                      split, len(rows), len(skipped), prompt_tokens[split]["mean"], prompt_tokens[split]["max"],
                      evidence[split]["all_gold_kept"], evidence[split]["n_with_gold"])
 
-        # Never silently replace processed files that differ (another run may be using them).
+        # Never silently replace processed files that differ (another run may be using them), nor a
+        # processed_set.json 01 did not write.
+        problem = processed_set_problem(out_dir)
+        if problem:
+            raise StageError(f"{problem}; move it away or set data.processed_dir")
         for split, rows in processed.items():
             path = out_dir / f"{split}.jsonl"
-            if path.exists() and sha256_file(path) != rows_sha256(rows) and not args.overwrite:
+            if (path.exists() or path.is_symlink()) and not args.overwrite and \
+                    (path.is_symlink() or sha256_file(path) != rows_sha256(rows)):
                 raise StageError(f"{path} exists with different content (another context mode or data?); "
                                  f"pass --overwrite to replace it or set data.processed_dir")
+        # The splits, then the set that names them: a kill in between leaves files the set does not match, which
+        # every reader refuses (utils.finqa_data.check_processed_split) until 01 runs again.
         for split, rows in processed.items():
             path = out_dir / f"{split}.jsonl"
             write_jsonl(path, rows)
             run.add_output(split, path)
             run.outputs[f"{split}_sha256"] = sha256_file(path)
+        run.add_output("processed_set", write_processed_set(
+            out_dir, data, {split: run.outputs[f"{split}_sha256"] for split in processed}))
 
         run.extra["skipped_entries"] = skipped_by_split
         run.extra["gold_not_reproducing"] = not_reproducing  # kept in val/test (scored as FinQA does), not in train

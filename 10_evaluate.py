@@ -14,10 +14,11 @@ from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_
     upstream_dir
 from utils.finqa_data import load_processed, read_jsonl_lines, write_jsonl
 from utils.generation import GenerationStats, generate, settings_from_config
-from utils.metrics import aggregate, breakdown_frame, official_predictions, official_scores, score_items
+from utils.metrics import MAX_TOKEN_COUNT, aggregate, breakdown_frame, is_token_count, official_predictions, \
+    official_scores, score_items
 from utils.compute import precision
 from utils.models import configure_torch, load_model, load_tokenizer, require_checkpoint
-from utils.runs import StageError, plain_name, require_completed, stage_run, write_json_atomic
+from utils.runs import StageError, plain_name, require_completed, stage_run, write_atomic, write_json_atomic
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
 from utils.stages import STAGES, label_checkpoint
 
@@ -38,12 +39,27 @@ def checkpoint_for(args, config) -> Path | None:
 
 
 def read_predictions(path: Path, rows: list[dict]) -> list[dict]:
-    """Saved predictions ({"id", "completion"} per line), in the order of rows; every row must have one."""
-    by_id = {}
+    """Saved predictions ({"id", "completion"}, optional "n_tokens" (null: not counted) and "finish_reason" per
+    line), in the order of rows; every row must have one. An id may repeat only on an identical line."""
+    by_id, line_of = {}, {}
     for line_no, record in read_jsonl_lines(path):
+        where = f"{path}:{line_no}"
         if not isinstance(record.get("id"), str) or not isinstance(record.get("completion"), str):
-            raise StageError(f"{path}:{line_no}: each line needs a string 'id' and 'completion'")
-        by_id[record["id"]] = record
+            raise StageError(f"{where}: each line needs a string 'id' and 'completion'")
+        n_tokens = record.get("n_tokens")
+        if n_tokens is not None:  # it reaches metrics.json's mean_completion_tokens
+            if not is_token_count(n_tokens):
+                raise StageError(f"{where}: 'n_tokens' is {n_tokens!r}, not a whole number of tokens "
+                                 f"(0 to {MAX_TOKEN_COUNT})")
+            record["n_tokens"] = int(n_tokens)
+        if record.get("finish_reason") is not None and not isinstance(record["finish_reason"], str):
+            raise StageError(f"{where}: 'finish_reason' is {record['finish_reason']!r}, not a string or null")
+        known = by_id.get(record["id"])
+        if known is not None and known != record:
+            raise StageError(f"{where}: prediction id {record['id']!r} again (first on line "
+                             f"{line_of[record['id']]}), with other content")
+        by_id.setdefault(record["id"], record)
+        line_of.setdefault(record["id"], line_no)
     missing = [row["id"] for row in rows if row["id"] not in by_id]
     if missing:
         raise StageError(f"{path}: no prediction for {len(missing)} example(s), e.g. {missing[0]}")
@@ -120,7 +136,8 @@ def main() -> int:
         metrics.update({"label": args.label, "split": split, "official_recheck": recheck})
 
         write_json_atomic(run.add_output("metrics", out_dir / "metrics.json"), metrics)
-        breakdown_frame(records).to_csv(run.add_output("breakdown", out_dir / "breakdown.csv"), index=False)
+        frame = breakdown_frame(records)
+        write_atomic(run.add_output("breakdown", out_dir / "breakdown.csv"), lambda f: frame.to_csv(f, index=False))
         write_jsonl(run.add_output("predictions", out_dir / "samples" / "predictions.jsonl"), predictions)
         write_json_atomic(run.add_output("predictions_official", out_dir / "predictions_official.json"), official)
         run.metrics.update({k: v for k, v in metrics.items() if k not in ("official_recheck",)})

@@ -21,7 +21,7 @@ from utils.compare import (DEFAULT_INPUT, best_per_metric, bootstrap_all, compar
                            paired_tests, report_markdown, summary_frame, training_curves)
 from utils.evaluations import HEADLINE, completed_metrics_files, load_evaluations
 from utils.run_diff import diff_runs, format_diff, resolve_run
-from utils.runs import StageError, stage_run, write_json_atomic, write_text_atomic
+from utils.runs import StageError, stage_run, write_atomic, write_json_atomic, write_text_atomic
 from utils.stages import STAGES
 
 STAGE = STAGES["comparison"]
@@ -77,7 +77,7 @@ def main() -> int:
 
         cis = bootstrap_all(results, config, args.seed)
         summary = summary_frame(results, cis)
-        summary.to_csv(run.add_output("summary", run.dir / "summary.csv"), index=False)
+        write_atomic(run.add_output("summary", run.dir / "summary.csv"), lambda f: summary.to_csv(f, index=False))
         tests, notes = paired_tests(results, config, args.seed)
         write_json_atomic(run.add_output("paired_tests", run.dir / "paired_tests.json"), tests)
 

@@ -29,6 +29,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from utils.config import load_yaml, parse_override  # noqa: E402
+from utils.files import StageError, open_no_follow  # noqa: E402
 
 DEFAULT_CONFIG = "configs/models/smollm2-135m.yaml"
 BUNDLED = ("run_manifest.json", "*/manifest.json", "10_evaluation/*/manifest.json", "10_evaluation/*/metrics.json",
@@ -57,11 +58,26 @@ def outputs_dir(driver_args: list[str]) -> Path:
     return Path(chosen or load_yaml(REPO_ROOT / config).get("paths", {}).get("outputs_dir", "outputs"))
 
 
+def is_bundle(path: Path, run_name: str) -> bool:
+    """A bundle this script wrote: a tar.gz (not a link) holding <run>/bundle_info.json."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            return f"{run_name}/bundle_info.json" in tar.getnames()
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
 def write_bundle(run_dir: Path, info: dict) -> Path:
+    """Written whole (a .partial beside it, opened without following links, then renamed); a bundle.tar.gz this
+    script did not write is never replaced (the folder rule, as for the driver's own files)."""
     bundle = run_dir / "bundle.tar.gz"
+    if (bundle.exists() or bundle.is_symlink()) and not is_bundle(bundle, run_dir.name):
+        raise StageError(f"{bundle} is not a bundle this script wrote; move it away (nothing was changed)")
     files = sorted({path for pattern in BUNDLED for path in run_dir.glob(pattern) if path.is_file()})
     partial = bundle.with_name(bundle.name + ".partial")
-    with tarfile.open(partial, "w:gz") as tar:
+    with open_no_follow(partial) as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:
         for path in files:
             tar.add(path, arcname=str(path.relative_to(run_dir.parent)))
         data = json.dumps(info, indent=2).encode()
@@ -100,7 +116,11 @@ def main() -> int:
     if not run_dir.is_dir():
         print(f"error: {run_dir}: the driver wrote no run folder (exit code {code})", file=sys.stderr)
         return code or 1
-    bundle = write_bundle(run_dir, info)
+    try:
+        bundle = write_bundle(run_dir, info)
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return code or 1
     print(f"[gpu_run] driver exit code {code} after {info['driver_wall_time_s']} s; bundle: {bundle} "
           f"({bundle.stat().st_size / 1024:.0f} KiB)")
     return code

@@ -156,8 +156,9 @@ def test_driver_skips_reruns_and_resumes(run_stage):
     assert {k: v for k, v in after.items() if not k.startswith("02_")} == \
            {k: v for k, v in before.items() if not k.startswith("02_")}
 
-    # a changed override re-runs that stage and what reads its (now different) outputs, nothing else
-    changed = ("--set", "01.data.context_mode=full")
+    # a changed override re-runs that stage and what reads its (now different) outputs, nothing else (10 reads
+    # the rows in the setting 01 built them in: processed_set.json refuses a reader configured otherwise)
+    changed = ("--set", "01.data.context_mode=full", "--set", "10.data.context_mode=full")
     code, out = drive(run_stage, *CHAIN, *changed, "--dry_run")
     assert "config changed: data.context_mode: 'gold' -> 'full'" in plan_line(out, "01_preprocessing")
     assert "RUN (overwrite)" in plan_line(out, "01_preprocessing") and " skip " in plan_line(out, "02_rewards")

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import run_script
 from utils.contexts import full_context
-from utils.finqa_data import load_processed, write_jsonl
+from utils.finqa_data import PROCESSED_SET, load_processed, write_jsonl
 from utils.models import load_tokenizer
-from utils.runs import read_manifest
+from utils.runs import read_json, read_manifest, sha256_file, write_json_atomic
 
 
 def one_error(capsys, *needles: str) -> str:
@@ -191,6 +191,12 @@ def test_processed_rows_with_wrong_types_are_rejected(prepared, capsys, field, v
     rows = load_processed(path)
     rows[2][field] = value
     write_jsonl(path, rows)
+    # (a file that no longer matches processed_set.json is refused before its rows are read)
+    assert prepared("10_evaluate.py", "--base", "--quick_test") == 1
+    one_error(capsys, str(path), "does not match the processed set")
+    record = read_json(path.parent / PROCESSED_SET)  # a set whose rows are bad, as 01 itself could never write
+    record["splits"]["test"]["sha256"] = sha256_file(path)
+    write_json_atomic(path.parent / PROCESSED_SET, record)
     assert prepared("10_evaluate.py", "--base", "--quick_test") == 1
     one_error(capsys, "test.jsonl:3", f"'{field}'")
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from utils import processes
 from utils.config import ConfigError, load_config
-from utils.runs import STAGE_FOLDERS, StageError, plain_name, run_root
+from utils.runs import STAGE_FOLDERS, StageError, os_error_text, plain_name, run_root
 from utils.stages import Stage
 
 DEFAULT_MODEL_CONFIG = "configs/models/smollm2-135m.yaml"
@@ -92,9 +92,13 @@ def main_guard(main: Callable[[], int | None]) -> None:
     """Run a stage's main(): expected errors become one line on stderr and a non-zero exit."""
     try:
         code = main()
-    except (ConfigError, StageError, UsageError, FileNotFoundError) as err:
+    except (ConfigError, StageError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, UsageError) else 1)
+    except OSError as err:  # a file the system would not let us read or write (read-only, disk full, too large)
+        where = err.filename if err.filename is not None else "a file"
+        print(f"error: cannot read or write {where}: {os_error_text(err)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

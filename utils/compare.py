@@ -3,7 +3,6 @@ table, paired tests against the baseline on the same test items, report.md and t
 loading the evaluations: utils/evaluations.py; the diff of two runs: utils/run_diff.py."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import Any, Iterable
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from utils.config import apply_overrides, flatten
+from utils.files import read_json
 from utils.runs import StageError
 from utils.evaluations import HEADLINE, LOSS_KEYS, REWARD_KEYS, Evaluation, is_number
 from utils.stats import as_bool, bootstrap_ci, mcnemar_exact, paired_bootstrap
@@ -266,9 +266,12 @@ def training_curves(results: list[Evaluation]) -> list[dict]:
             continue
         seen.add(path.resolve())
         try:
-            records = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("%s: unreadable training log, left out of the plots", path)
+            records = read_json(path, "training log")
+        except StageError as err:
+            log.warning("%s, left out of the plots", err)
+            continue
+        if not isinstance(records, list):
+            log.warning("%s: a training log is a list of records, left out of the plots", path)
             continue
         records = [r for r in records if isinstance(r, dict) and is_number(r.get("step"))]
         curve = {"name": f"{result.run}/{result.label}", "method": result.method}
@@ -279,10 +282,11 @@ def training_curves(results: list[Evaluation]) -> list[dict]:
             if key is not None:
                 points = [(r["step"], r[key]) for r in records if is_number(r.get(key))]
                 curve[kind] = {"key": key, "steps": [p[0] for p in points], "values": [p[1] for p in points]}
-        zero = ((result.train_manifest or {}).get("metrics") or {}).get("groups_with_zero_reward_variance") or {}
-        if zero.get("per_step"):
-            curve["zero_variance"] = {"key": "groups_with_zero_reward_variance", "values": zero["per_step"],
-                                      "steps": list(range(1, len(zero["per_step"]) + 1))}
+        zero = ((result.train_manifest or {}).get("metrics") or {}).get("groups_with_zero_reward_variance")
+        per_step = zero.get("per_step") if isinstance(zero, dict) else None
+        if isinstance(per_step, list) and per_step and all(is_number(value) for value in per_step):
+            curve["zero_variance"] = {"key": "groups_with_zero_reward_variance", "values": per_step,
+                                      "steps": list(range(1, len(per_step) + 1))}
         if any(kind in curve for kind in CURVE_KINDS):
             curves.append(curve)
     return curves

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from utils.files import expands_beyond
+
 MODEL_SECTIONS = ("model", "lora", "data", "training", "generation", "paths")
 QUICK_TEST_KEY = "quick_test"
 
@@ -24,14 +26,36 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the file or key at fault."""
 
 
+# A configuration is a few hundred values; YAML aliases let a few hundred bytes stand for billions of them
+# (written out in full in every manifest). Anything past this is refused when it is read.
+MAX_YAML_VALUES = 100_000
+
+
+def bounded(data: Any, where: str) -> Any:
+    """data, or a ConfigError naming `where` when it expands beyond MAX_YAML_VALUES."""
+    if expands_beyond(data, MAX_YAML_VALUES):
+        raise ConfigError(f"{where}: expands to more than {MAX_YAML_VALUES} values (YAML aliases?); a configuration "
+                          f"is refused past that")
+    return data
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text (safe_load), bounded; a ConfigError naming `where` when it cannot be read."""
+    try:
+        return bounded(yaml.safe_load(text), where)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"{where}: not valid YAML ({str(err).splitlines()[0] or 'nested too deeply'})") from None
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -113,9 +137,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+    except (yaml.YAMLError, RecursionError):
+        value = raw  # not YAML: the text as it is
+    return key, bounded(value, f"--set {key}")
 
 
 def apply_overrides(config: dict, overrides: Iterable[str] = (), named: dict[str, Any] | None = None) -> dict:

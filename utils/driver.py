@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import fcntl
-import json
 import os
 import re
 import resource
@@ -63,14 +61,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from utils.cli import DEFAULT_MODEL_CONFIG, UsageError
 from utils.compare import comparison_config
 from utils.config import ConfigError, config_diff, get_key, load_config, load_yaml, parse_override
 from utils.evaluations import completed_metrics_files
-from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, is_stage_folder, now_iso, read_manifest, run_root, \
-    sha256_path, write_json_atomic
+from utils.files import FolderLock, open_no_follow, read_json
+from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, enclosing_stage, is_stage_folder, now_iso, read_manifest, \
+    run_root, sha256_path, write_json_atomic
 from utils.stages import METHODS, RL_METHODS, STAGES, VARIANTS
 
 F = STAGE_FOLDERS
@@ -581,7 +578,9 @@ def run_teed(command: list[str], log_path: Path, echo: Callable[[str], None]) ->
     """Run command, streaming its stdout+stderr to echo and to log_path; its exit code and peak memory."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "wb") as log:
+    if log_path.exists() and not is_driver_log(log_path):  # (refuse_foreign_run_root checked; this is a race)
+        raise StageError(f"{log_path} is not a log this driver wrote; move it away")
+    with open_no_follow(log_path) as log:
         log.write(f"# {now_iso()} $ {shlex.join(command)}\n".encode())
         log.flush()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -623,7 +622,7 @@ class RunManifest:
     """outputs/<run_id>/run_manifest.json: every stage manifest with status, duration, ran or skipped."""
 
     def __init__(self, run_dir: Path, argv: list[str], methods: list[str], decisions: list[Decision]):
-        self.path = run_dir / "run_manifest.json"
+        self.path = run_dir / RUN_MANIFEST
         self.run_dir = run_dir
         previous = read_manifest_file(self.path)
         self.history = (previous or {}).get("invocations", [])[-19:]
@@ -666,30 +665,68 @@ class RunManifest:
 
 def read_manifest_file(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = read_json(path)
+    except StageError:
         return None
+    return data if isinstance(data, dict) else None
+
+
+RUN_MANIFEST = "run_manifest.json"
+DRIVER_LOGS = "driver_logs"
+LOG_HEADER = re.compile(rb"# \d{4}-\d\d-\d\dT[0-9:+-]+ \$ ")  # the first line run_teed writes in every log
+
+
+def is_driver_log(path: Path) -> bool:
+    """A log run_teed wrote: a plain file (no link) that is empty (a kill before its first line) or starts with
+    the driver's header line."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    return not head or bool(LOG_HEADER.match(head))
+
+
+def is_run_manifest(path: Path) -> bool:
+    data = None if path.is_symlink() else read_manifest_file(path)
+    return isinstance(data, dict) and isinstance(data.get("stages"), list) and isinstance(data.get("invocations"),
+                                                                                             list) and "run_id" in data
+
+
+def refuse_foreign_run_root(run_dir: Path) -> None:
+    """The folder rule for the driver's own files: it writes run_manifest.json, driver_logs/<stage>.log and
+    .driver.lock in the run folder, and replaces one only when it provably wrote it; the run folder itself must
+    not be, or lie inside, a stage's folder (which replacing that stage would delete)."""
+    outer = read_manifest(run_dir) and run_dir or enclosing_stage(run_dir)
+    if outer:
+        raise StageError(f"{run_dir} is {'a' if outer == run_dir else 'inside a'} stage's folder ({outer}); choose "
+                         f"another --run_id or paths.outputs_dir (nothing was changed)")
+    manifest = run_dir / RUN_MANIFEST
+    if (manifest.exists() or manifest.is_symlink()) and not is_run_manifest(manifest):
+        raise StageError(f"{manifest} is not a run manifest this driver wrote; move it away or choose another "
+                         f"--run_id (nothing was changed)")
+    logs = run_dir / DRIVER_LOGS
+    if logs.is_symlink() or (logs.exists() and not logs.is_dir()):
+        raise StageError(f"{logs} is not a folder the driver can write its logs to (a file or a symbolic link); "
+                         f"move it away (nothing was changed)")
+    foreign = [p for p in sorted(logs.iterdir()) if not is_driver_log(p)] if logs.is_dir() else []
+    if foreign:
+        raise StageError(f"{logs} holds files this driver did not write ({foreign[0].name}"
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); move them away or choose "
+                         f"another --run_id (nothing was changed)")
 
 
 class RunLock:
     """One driver per run at a time (an flock, released by the kernel even after kill -9)."""
 
     def __init__(self, run_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / ".driver.lock"
+        self.lock = FolderLock(run_dir, run_dir / ".driver.lock", f"another 12_driver.py is running on {run_dir}")
 
     def __enter__(self):
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.handle.close()
-            raise StageError(f"another 12_driver.py is running on {self.path.parent} (lock {self.path})") from None
+        self.lock.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+        self.lock.__exit__()
 
 
 def execute(resolver: Resolver, decisions: list[Decision], manifest: RunManifest,
@@ -721,7 +758,7 @@ def execute(resolver: Resolver, decisions: list[Decision], manifest: RunManifest
             continue
         echo(f"\n{'=' * 100}\n{tag}: run ({decision.reason}) [elapsed {elapsed}]\n$ {shlex.join(decision.command)}\n"
              f"{'=' * 100}\n")
-        log_path = resolver.run_root / "driver_logs" / f"{spec.log_name}.log"
+        log_path = resolver.run_root / DRIVER_LOGS / f"{spec.log_name}.log"
         manifest.update(index, action="running", log=str(log_path))
         t0, cpu0 = time.time(), children_cpu_s()
         try:
@@ -813,9 +850,9 @@ def preset_overrides(name: str) -> tuple[Path, list[str]]:
         known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))) or "none"
         raise UsageError(f"--preset {name}: {path} not found (presets: {known})")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UsageError(f"--preset {name}: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        data = load_yaml(path)
+    except ConfigError as err:
+        raise UsageError(f"--preset {name}: {err}") from None
     entries = data.get("set") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, str) and "=" in e for e in entries):
         raise UsageError(f"--preset {name}: {path} needs `set:` as a list of [STAGE.]KEY=VALUE strings")
@@ -856,7 +893,9 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
+        refuse_foreign_run_root(resolver.run_root)  # before the lock file is made in it
         with RunLock(resolver.run_root):
+            refuse_foreign_run_root(resolver.run_root)
             decisions = make_plan(resolver, specs, rerun)
             echo(format_plan(decisions, resolver.run_root, commands=False) + "\n")
             manifest = RunManifest(resolver.run_root, ["12_driver.py", *argv], methods, decisions)

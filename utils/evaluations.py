@@ -3,15 +3,17 @@ with its breakdown, manifest, training logs and the training compute its checkpo
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
+from utils.files import read_json
+from utils.metrics import BREAKDOWN_BOOLEANS, RATES, is_token_count
 from utils.runs import STAGE_FOLDERS, StageError, read_manifest
 from utils.stages import label_checkpoint, training_folders
 
@@ -30,8 +32,13 @@ LOSS_KEYS = ("loss", "policy_loss", "train_loss")
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-        isinstance(value, float) and math.isnan(value))
+    """A finite int or float, not a bool (JSON as Python reads it also holds NaN, Infinity and huge ints)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the floats
+        return False
 
 
 def _first(mapping: dict, keys: Iterable[str]) -> Any:
@@ -200,24 +207,98 @@ def _run_dir_of(metrics_path: Path) -> Path:
     return metrics_path.parent
 
 
+CSV_TRUE, CSV_FALSE = ("True", "TRUE", "true"), ("False", "FALSE", "false")  # what pandas reads as True, False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def metrics_problem(metrics: dict) -> str | None:
+    """Why a metrics.json's numbers cannot be compared, or None: every rate a number in [0, 1], n_examples a
+    whole number >= 1, and every other number anywhere in it finite (Python's JSON reads NaN and Infinity)."""
+    for key in ("n_examples", *HEADLINE, *RATES):
+        value = metrics.get(key)
+        if value is not None and not is_number(value):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return f"'{key}' is {_short(value)}, not a {'finite ' if numeric else ''}number"
+    for key in RATES:
+        if metrics.get(key) is not None and not 0 <= metrics[key] <= 1:
+            return f"'{key}' is {metrics[key]!r}, not a rate in [0, 1]"
+    count = metrics.get("n_examples")
+    if count is not None and not (float(count).is_integer() and count >= 1):
+        return f"'n_examples' is {count!r}, not a whole number >= 1"
+    stack = [("", metrics)]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{prefix}{key}.", item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{prefix}{index}.", item) for index, item in enumerate(value))
+        elif isinstance(value, (int, float)) and not is_number(value) and not isinstance(value, bool):
+            return f"'{prefix[:-1]}' is {_short(value)}, not a finite number"
+    return None
+
+
+def _csv_number(cell: Any) -> Any:
+    """A cell of a number column as a number where pandas would read one (a column of numbers with one text
+    cell is read as text: "1.0", ..., "high")."""
+    if isinstance(cell, np.generic):
+        return cell.item()
+    if isinstance(cell, str):
+        try:
+            return float(cell)
+        except ValueError:
+            return cell
+    return cell
+
+
+def checked_breakdown(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """The breakdown with its True/False columns as bools and reward, n_tokens as numbers; one StageError naming
+    the file, row and column where a True/False cell holds anything else (as pandas reads them), a reward is not
+    a finite number, or an n_tokens is neither a token count nor empty."""
+    def refuse(index: int, column: str, cell: Any, what: str):
+        item = frame["id"].iloc[index] if "id" in frame else None
+        row = f"row {index + 1}" + (f" (id {item!r})" if isinstance(item, str) else "")
+        raise StageError(f"{path}: {row}: '{column}' is {_short(cell)}, not {what}")
+
+    frame = frame.copy()
+    for column in BREAKDOWN_BOOLEANS:
+        if column in frame:
+            for index, cell in enumerate(frame[column]):
+                if not isinstance(cell, (bool, np.bool_)) and cell not in CSV_TRUE + CSV_FALSE:
+                    refuse(index, column, cell, "True or False")
+            frame[column] = frame[column].isin((True, *CSV_TRUE))
+    for column, allowed, what in (("reward", is_number, "a finite number"),
+                                  ("n_tokens", lambda cell: pd.isna(cell) or is_token_count(cell),
+                                   "a whole number of tokens or empty")):
+        if column in frame:
+            for index, cell in enumerate(frame[column]):
+                if not allowed(_csv_number(cell)):
+                    refuse(index, column, cell, what)
+            frame[column] = pd.to_numeric(frame[column])
+    return frame
+
+
 def load_evaluations(paths: list[Path]) -> list[Evaluation]:
     results: list[Evaluation] = []
     for path in paths:
         manifest = read_manifest(path.parent)
-        try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise StageError(f"{path}: not a readable metrics.json ({str(err).splitlines()[0]})") from None
+        metrics = read_json(path, "metrics.json")
         if not isinstance(metrics, dict) or "execution_accuracy" not in metrics:
             raise StageError(f"{path}: not an evaluation's metrics.json (no execution_accuracy)")
-        for key in ("n_examples", *HEADLINE):
-            if key in metrics and metrics[key] is not None and not is_number(metrics[key]):
-                raise StageError(f"{path}: '{key}' is {metrics[key]!r}, not a number")
+        problem = metrics_problem(metrics)
+        if problem:
+            raise StageError(f"{path}: {problem}")
         run_dir = _run_dir_of(path)
         label = str(metrics.get("label") or path.parent.name)
         train_dir = None if label == "base" else training_stage(run_dir, label, manifest)
         train_manifest = read_manifest(train_dir) if train_dir is not None else None
+        seed_source = train_dir if "seed" in (train_manifest or {}) else path.parent
         seed = (train_manifest or {}).get("seed", (manifest or {}).get("seed"))
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise StageError(f"{seed_source / 'manifest.json'}: 'seed' is {_short(seed)}, not a whole number")
         config = (manifest or {}).get("config") or (train_manifest or {}).get("config") or {}
         breakdown = path.parent / "breakdown.csv"
         results.append(Evaluation(run_dir.name, run_dir, label, metrics, path,
@@ -240,4 +321,5 @@ def load_evaluations(paths: list[Path]) -> list[Evaluation]:
             except (OSError, UnicodeDecodeError, ValueError) as err:  # pandas' ParserError is a ValueError
                 raise StageError(f"{result.breakdown_path}: not a readable breakdown.csv "
                                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            result.breakdown = checked_breakdown(result.breakdown_path, result.breakdown)
     return results

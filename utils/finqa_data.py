@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from utils.prompts import completion_messages, prompt_messages
+from utils.files import read_json, write_atomic, write_json_atomic
 from utils.runs import StageError
 
 # processed split name -> FinQA's file name
@@ -51,8 +50,8 @@ def load_raw_split(path: str | Path) -> list:
         raise DataError(f"FinQA file not found: {path} (run download.sh, or pass --finqa_dir)")
     try:
         data = json.loads(_utf8(path.read_bytes(), path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    except ValueError as err:  # not JSON, or an integer past Python's digit limit
+        raise DataError(f"{path}: not valid JSON ({str(err).splitlines()[0][:200]})") from None
     except RecursionError:
         raise DataError(f"{path}: not a FinQA file (JSON nested too deeply to read)") from None
     if not isinstance(data, list):
@@ -147,17 +146,7 @@ def build_example(entry: dict, context: str, context_mode: str) -> dict:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     """Atomic: the file is either the old one or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict]]:
@@ -173,8 +162,8 @@ def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err})") from None
+            except ValueError as err:  # not JSON, or an integer past Python's digit limit
+                raise DataError(f"{path}:{line_no}: not valid JSON ({str(err).splitlines()[0][:200]})") from None
             except RecursionError:
                 raise DataError(f"{path}:{line_no}: JSON nested too deeply to read") from None
             if not isinstance(row, dict):
@@ -229,6 +218,67 @@ def load_processed(path: str | Path, limit: int | None = None) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows[:limit] if limit else rows
+
+
+# The processed splits are one set, built by one 01 run in one setting: processed_set.json, written after every
+# split, names each split file with its sha256 and the data settings that shaped the rows. A split whose file does
+# not match it (01 killed between two writes, a file edited by hand) or a setting that differs from the reader's
+# config (data.context_mode full on rows built in gold) is refused by every reader (utils.stage_inputs).
+PROCESSED_SET = "processed_set.json"
+ROW_SETTINGS = ("context_mode", "max_prompt_tokens", "retrieval_top_k")  # the data.* keys 01 builds rows with
+
+
+def write_processed_set(folder: Path, data: dict, splits: dict[str, str]) -> Path:
+    """Commit a processed set: splits maps a split to its file's sha256 (the files are already written)."""
+    path = Path(folder) / PROCESSED_SET
+    write_json_atomic(path, {"written_by": "01_prepare_dataset", "settings": {k: data[k] for k in ROW_SETTINGS},
+                             "splits": {split: {"file": f"{split}.jsonl", "sha256": digest}
+                                        for split, digest in splits.items()}})
+    return path
+
+
+def processed_set_problem(folder: Path) -> str | None:
+    """Why folder's processed_set.json is not one 01 wrote (so 01 must not replace it), or None (ours or absent)."""
+    path = Path(folder) / PROCESSED_SET
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        record = None if path.is_symlink() else read_json(path)
+    except StageError:
+        record = None
+    if not (isinstance(record, dict) and record.get("written_by") == "01_prepare_dataset"
+            and isinstance(record.get("settings"), dict) and isinstance(record.get("splits"), dict)):
+        return f"{path} is not a processed set 01_prepare_dataset.py wrote"
+    return None
+
+
+def check_processed_split(folder: Path, split: str, data: dict, digest: Callable[[Path], str]) -> Path:
+    """The split's file, if it belongs to the complete processed set in folder and was built with the reader's
+    data settings; one DataError saying what to re-run otherwise."""
+    folder, path = Path(folder), Path(folder) / f"{split}.jsonl"
+    problem = processed_set_problem(folder)
+    if problem:
+        raise DataError(problem + "; re-run 01_prepare_dataset.py with another data.processed_dir")
+    set_path = folder / PROCESSED_SET
+    if not set_path.is_file():
+        raise DataError(f"{set_path} not found: {folder} holds no complete processed set (01_prepare_dataset.py "
+                        f"was interrupted, or an older version wrote it); re-run 01_prepare_dataset.py")
+    record = read_json(set_path)
+    entry = record["splits"].get(split)
+    if not isinstance(entry, dict) or entry.get("file") != path.name:
+        raise DataError(f"{path} is not part of the processed set in {set_path} (it holds "
+                        f"{', '.join(record['splits']) or 'no split'}); re-run 01_prepare_dataset.py")
+    if digest(path) != entry.get("sha256"):
+        raise DataError(f"{path} does not match the processed set ({set_path}): 01_prepare_dataset.py was "
+                        f"interrupted while writing it, or the file was changed; re-run 01_prepare_dataset.py")
+    built = record["settings"]
+    different = [f"data.{k} is {data.get(k)!r} here but {built.get(k)!r} there" for k in ROW_SETTINGS
+                 if built.get(k) != data.get(k)]
+    if different:
+        raise DataError(f"{folder} was built with other data settings ({'; '.join(different)}, {set_path}): the "
+                        f"recorded configuration would not be the one the rows were made with; set them as 01 did, "
+                        f"or build another data.processed_dir with 01_prepare_dataset.py")
+    return path
 
 
 def hf_dataset(rows: list[dict], columns: Iterable[str]):

@@ -35,7 +35,18 @@ Bounds (the only deviations; each is where the official script itself needs minu
 - equivalence answers False when an expression handed to simplify, after sympy's automatic evaluation, has
   more than MAX_SIMPLIFY_NODES nodes (measured with this sympy: 15 s on 28,663 nodes, doubling with each
   nesting level) or a power above MAX_SIMPLIFY_POWER (simplify expands it: 6.5 s for (a0 + a1)**1024, 30 s
-  for **4096; ten self-multiplications of a step give **1024).
+  for **4096; ten self-multiplications of a step give **1024);
+- and when building and simplifying an expression takes more than MAX_CHECK_SECONDS of wall-clock time (the
+  prediction's in each check, the gold program's once: it is cached). Small expressions can still be slow:
+  a 387-character prediction (a sum of six symbolic powers, to the 8th, over another sum; tests/
+  test_hostile_scoring.py) needs 40 s of simplify. The limit is a SIGALRM timer in the main thread (stages
+  score there) and a clock read on every Python call elsewhere (Python runs signal handlers in the main
+  thread only).
+An item whose check meets any of these bounds counts as not program-equivalent: program accuracy False,
+execution accuracy unaffected. equivalence() says so (bounded), RewardResult.program_check_bounded carries it,
+and metrics.json counts such items (program_check_bounded). The verdict of every check that reaches sympy is
+cached per (prediction, gold) token lists, so a program string and its official token list (10_evaluate.py's
+two scoring routes) cost one check and get the same verdict whatever the clock did.
 Before calling sympy, equivalence evaluates both programs at three random points and answers False when they
 differ wherever both are defined: simplify keeps values, so such programs never simplify to the same thing.
 """
@@ -43,7 +54,14 @@ from __future__ import annotations
 
 import cmath
 import functools
+import hashlib
+import json
 import random
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 OPS = ("add", "subtract", "multiply", "divide", "exp", "greater",
@@ -65,6 +83,11 @@ MAX_INT_BITS = 1 << 16         # integer results (table_sum of an empty row is t
 MAX_SIMPLIFY_NODES = 1 << 15   # sympy nodes of an expression handed to simplify
 MAX_SIMPLIFY_POWER = 1 << 10   # integer exponents in it (2^k from k self-multiplications)
 SYMPIFY_MAX_DEPTH = 199        # the deepest nesting of steps the official string can have and still parse
+# Wall-clock seconds for one expression's simplify. Measured on this machine: the slowest of the 295 FinQA
+# (finqa_core) gold programs checked against their commuted rewrites took 0.064 s (0.41 s for the first, which
+# loads sympy's caches), the hostile prediction of the module docstring 40 s; 3 s keeps a margin of 45x.
+MAX_CHECK_SECONDS = 3.0
+MAX_CACHED_VERDICTS = 1 << 16  # sympy verdicts kept (16-byte keys): far more than a test split's items
 
 
 @dataclass
@@ -656,46 +679,150 @@ def _too_big(expression) -> bool:
     return False
 
 
-def _simplified(expression):
-    import sympy
+class _OutOfTime(BaseException):
+    """A check ran past MAX_CHECK_SECONDS. A BaseException, so that no `except Exception` on the way out (sympy
+    has many, and so has programs_equivalent) takes it for sympy failing on the expression."""
 
-    return None if _too_big(expression) else sympy.simplify(expression)
+
+_REFIRE_SECONDS = 0.05  # past the limit the alarm repeats until the check is left, should one be swallowed
+
+
+def _out_of_time(signum, frame):
+    raise _OutOfTime
+
+
+def _with_alarm(seconds: float, work):
+    """work() in the main thread, stopped by SIGALRM after `seconds` (free while it waits). A timer someone else
+    had set is set again afterwards with what is left of it (at once if that passed meanwhile). One function,
+    not a context manager, so that no alarm can land between leaving work and disarming."""
+    previous = signal.signal(signal.SIGALRM, _out_of_time)
+    started, outer = time.monotonic(), (0.0, 0.0)
+    try:
+        outer = signal.setitimer(signal.ITIMER_REAL, seconds, _REFIRE_SECONDS)
+        return work()
+    finally:
+        while True:  # an alarm can land while disarming: disarm again
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)  # (runs a pending handler, ours, first)
+                break
+            except _OutOfTime:
+                pass
+        if outer[0]:
+            signal.setitimer(signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - started), 1e-3), outer[1])
+
+
+def _with_trace(seconds: float, work):
+    """work() in this thread, stopped after `seconds` by a clock read on every Python function call (sympy is
+    Python; the reads slow it down, so this only serves where no signal can)."""
+    deadline = time.monotonic() + seconds
+
+    def check(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _OutOfTime  # (Python also stops tracing here)
+
+    previous = sys.gettrace()
+    sys.settrace(check)
+    try:
+        return work()
+    finally:
+        sys.settrace(previous)
+
+
+def _within(seconds: float, work):
+    """work(), or _OutOfTime once `seconds` of wall-clock time have passed."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer") \
+            and signal.getsignal(signal.SIGALRM) is not None:  # None: a handler Python could not put back
+        return _with_alarm(seconds, work)
+    return _with_trace(seconds, work)
+
+
+def _simplified(form: _Form, sym_map: dict):
+    """sympy's simplify of the final step's expression, or None where a bound stops it (size, power, time)."""
+    import sympy  # (outside the limit: the first import takes a while)
+
+    def work():
+        expression = _expression(form, sym_map)  # its automatic evaluation is sympy's work too
+        return None if _too_big(expression) else sympy.simplify(expression)
+
+    try:
+        return _within(MAX_CHECK_SECONDS, work)
+    except _OutOfTime:
+        return None
 
 
 @functools.lru_cache(maxsize=4096)
 def _gold_simplified(gold_tokens: tuple):
     gold_form, sym_map = _gold(gold_tokens)
-    return _simplified(_expression(gold_form, sym_map))
+    return _simplified(gold_form, sym_map)
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """The official equal_program's answer, and whether a bound of this module gave it (then it is False)."""
+
+    equivalent: bool
+    bounded: bool = False
+
+
+_NOT_EQUIVALENT = Equivalence(False)
+_verdicts: OrderedDict[bytes, Equivalence] = OrderedDict()  # sympy verdicts, least recently used first
+_verdicts_lock = threading.Lock()
+
+
+def _symbolic_verdict(gold_tokens: tuple, pred_tokens: list, pred_form: _Form, sym_map: dict) -> Equivalence:
+    """sympy's verdict, cached by a digest of both token lists (programs can be long)."""
+    key = hashlib.blake2b(json.dumps([gold_tokens, pred_tokens]).encode(), digest_size=16).digest()
+    with _verdicts_lock:
+        verdict = _verdicts.get(key)
+        if verdict is not None:
+            _verdicts.move_to_end(key)
+            return verdict
+    gold_simplified = _gold_simplified(gold_tokens)
+    pred_simplified = _simplified(pred_form, sym_map) if gold_simplified is not None else None
+    if gold_simplified is None or pred_simplified is None:
+        verdict = Equivalence(False, bounded=True)
+    else:
+        verdict = Equivalence(pred_simplified == gold_simplified)
+    with _verdicts_lock:
+        _verdicts[key] = verdict
+        if len(_verdicts) > MAX_CACHED_VERDICTS:
+            _verdicts.popitem(last=False)
+    return verdict
+
+
+def equivalence(pred_program, gold_program) -> Equivalence:
+    """The official equal_program(gold, pred), and whether a bound answered it. Never raises: where the
+    official script raises on the prediction it answers False, and where it would raise on the gold program
+    the item counts as wrong."""
+    try:
+        return _equivalence(pred_program, gold_program)
+    except Exception:  # sympy fails on odd expressions (the official script catches it for the prediction)
+        return _NOT_EQUIVALENT
 
 
 def programs_equivalent(pred_program, gold_program) -> bool:
-    """The official equal_program(gold, pred). Never raises: where the official script raises on the
-    prediction it answers False, and where it would raise on the gold program the item counts as wrong."""
-    try:
-        return _programs_equivalent(pred_program, gold_program)
-    except Exception:  # sympy fails on odd expressions (the official script catches it for the prediction)
-        return False
+    """equivalence(...).equivalent."""
+    return equivalence(pred_program, gold_program).equivalent
 
 
-def _programs_equivalent(pred_program, gold_program) -> bool:
+def _equivalence(pred_program, gold_program) -> Equivalence:
     gold_tokens, pred_tokens = _as_tokens(gold_program), _as_tokens(pred_program)
     if gold_tokens is None or pred_tokens is None or not all(isinstance(t, str) for t in gold_tokens):
-        return False
+        return _NOT_EQUIVALENT
     gold = _gold(tuple(gold_tokens))
     if gold is None or _structure_error(pred_tokens):
-        return False
+        return _NOT_EQUIVALENT
     gold_form, sym_map = gold
     pred_form = _form(pred_tokens)
     if pred_form is None or not _pred_fits(pred_form, sym_map) or not _depths_ok(pred_form):
-        return False
+        return _NOT_EQUIVALENT
     if pred_form.steps == gold_form.steps:  # the same steps give the same expression: skip sympy's simplify
         _expression(gold_form, sym_map)   # (unless building it fails, as sympify would)
-        return True
+        return Equivalence(True)
     if _numerically_different(gold_form, pred_form, sym_map):
-        return False
-    gold_simplified = _gold_simplified(tuple(gold_tokens))
-    pred_simplified = _simplified(_expression(pred_form, sym_map))
-    return gold_simplified is not None and pred_simplified is not None and pred_simplified == gold_simplified
+        return _NOT_EQUIVALENT
+    return _symbolic_verdict(tuple(gold_tokens), pred_tokens, pred_form, sym_map)
 
 
 def program_accuracy(pred_program, gold_program, table, exe_ans) -> bool:

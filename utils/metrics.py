@@ -15,8 +15,21 @@ from utils.finqa_program import execute_program, execution_match, program_accura
 from utils.reward import RewardCalculator
 
 BREAKDOWN_COLUMNS = ["id", "prediction", "program", "executed_value", "exe_ans", "gold_program", "format_ok",
-                     "program_valid", "exec_match", "program_match", "numeric_match", "scale_error",
-                     "partial_program", "reward", "failure_reason", "n_tokens", "finish_reason"]
+                     "program_valid", "exec_match", "program_match", "program_check_bounded", "numeric_match",
+                     "scale_error", "partial_program", "reward", "failure_reason", "n_tokens", "finish_reason"]
+BREAKDOWN_BOOLEANS = ("format_ok", "program_valid", "exec_match", "program_match", "program_check_bounded",
+                      "numeric_match", "scale_error")
+# metrics.json's rates: the share of items whose breakdown column is True
+RATES = {"execution_accuracy": "exec_match", "program_accuracy": "program_match", "numeric_accuracy": "numeric_match",
+         "format_compliance": "format_ok", "program_validity": "program_valid", "scale_error_rate": "scale_error"}
+MAX_TOKEN_COUNT = 2 ** 53  # the largest count a float (the mean, pandas' column) still holds exactly
+
+
+def is_token_count(value) -> bool:
+    """A completion's token count: a whole number from 0 to MAX_TOKEN_COUNT (12.0 is one; True, NaN are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (isinstance(value, int) or value.is_integer()) and 0 <= value <= MAX_TOKEN_COUNT
 
 
 def score_items(rows: list[dict], predictions: list[dict], calculator: RewardCalculator) -> list[dict]:
@@ -29,7 +42,8 @@ def score_items(rows: list[dict], predictions: list[dict], calculator: RewardCal
             "executed_value": result.executed_value, "exe_ans": row["exe_ans"],
             "gold_program": row["target_program"], "format_ok": result.format_ok,
             "program_valid": result.program_valid, "exec_match": result.exec_match,
-            "program_match": result.program_match, "numeric_match": result.numeric_match,
+            "program_match": result.program_match, "program_check_bounded": result.program_check_bounded,
+            "numeric_match": result.numeric_match,
             "scale_error": result.scale_error, "partial_program": result.partial_program,
             "reward": result.total, "failure_reason": result.failure_reason,
             "n_tokens": prediction.get("n_tokens"), "finish_reason": prediction.get("finish_reason"),
@@ -46,12 +60,9 @@ def aggregate(records: list[dict]) -> dict:
     tokens = [r["n_tokens"] for r in records if r.get("n_tokens") is not None]
     return {
         "n_examples": n,
-        "execution_accuracy": rate("exec_match"),
-        "program_accuracy": rate("program_match"),
-        "numeric_accuracy": rate("numeric_match"),
-        "format_compliance": rate("format_ok"),
-        "program_validity": rate("program_valid"),
-        "scale_error_rate": rate("scale_error"),
+        **{name: rate(column) for name, column in RATES.items()},
+        # items whose program accuracy a bound of utils.finqa_program decided (counted as not equivalent)
+        "program_check_bounded": sum(bool(r["program_check_bounded"]) for r in records),
         "mean_reward": round(sum(r["reward"] for r in records) / n, 5) if n else 0.0,
         "mean_partial_program": round(sum(r["partial_program"] for r in records) / n, 5) if n else 0.0,
         "failure_reasons": dict(Counter(r["failure_reason"] for r in records).most_common()),

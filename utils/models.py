@@ -7,12 +7,15 @@ same stack: base -> merge each listed adapter -> this adapter.
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from utils.files import read_json, write_json_atomic
 from utils.runs import REPO_ROOT, StageError
 from utils import processes
 
@@ -34,49 +37,128 @@ def configure_torch(config: dict) -> torch.device:
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+                "pytorch_model.bin.index.json")  # in the order transformers looks for them
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # in the order peft looks for them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def _json_object(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def checkpoint_problem(path: str | Path, flag: str = "--policy_ckpt") -> str | None:
     """Why a folder is not a checkpoint this project can load (None when it is one): a LoRA adapter folder
     (adapter_config.json, adapter weights, and the adapters beneath it) or a model folder (config.json and
-    weights). Looks at a few named files only, so /proc or /etc cost nothing."""
-    path = Path(path)
-    if not path.is_dir():
-        return f"{flag} {path}: folder not found"
-    if (path / "adapter_config.json").exists():
-        config = _json_object(path / "adapter_config.json")
-        if config is None or "peft_type" not in config:
-            return f"{flag} {path}: adapter_config.json is not a PEFT adapter config (not a JSON object with peft_type)"
-        if not any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES):
-            return f"{flag} {path}: an adapter folder without adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)})"
-        if (path / BASE_ADAPTERS_FILE).exists():
-            listed = _json_object(path / BASE_ADAPTERS_FILE)
-            if listed is None or not isinstance(listed.get("adapters"), list) or \
-                    not all(isinstance(a, str) for a in listed["adapters"]):
-                return f"{flag} {path}: {BASE_ADAPTERS_FILE} is not {{\"adapters\": [folders]}}"
-            for adapter in base_adapters(path):
-                problem = checkpoint_problem(adapter, f"{flag} {path}: base adapter")
-                if problem:
-                    return problem
+    weights). Looks at a few named files only (the weights' headers, not their tensors), so /proc or /etc cost
+    nothing and a broken file is named before any model loads."""
+    try:
+        _check_checkpoint(str(path))
+    except StageError as err:
+        return f"{flag} {path}: {err}"
+    return None
+
+
+def checkpoint_kind(path: str | Path) -> str | None:
+    """What a folder claims to be, before its files are checked: "adapter" (adapter_config.json), "model"
+    (config.json) or None."""
+    # os.path rather than pathlib: it answers False for a name too long or with a NUL byte instead of raising
+    if not os.path.isdir(path):
         return None
-    if (path / "config.json").exists():
-        if _json_object(path / "config.json") is None:
-            return f"{flag} {path}: config.json is not a JSON object"
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
-            return f"{flag} {path}: a model folder without weights ({', '.join(WEIGHT_FILES)})"
-        return None
-    return f"{flag} {path}: not a checkpoint (no adapter_config.json or config.json)"
+    if os.path.lexists(Path(path) / "adapter_config.json"):
+        return "adapter"
+    return "model" if os.path.lexists(Path(path) / "config.json") else None
+
+
+def is_adapter(ckpt: str | Path) -> bool:
+    return checkpoint_kind(ckpt) == "adapter"
+
+
+def _check_checkpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise StageError("folder not found")
+    folder, kind = Path(path), checkpoint_kind(path)
+    if kind == "adapter":
+        _check_adapter(folder)
+        _check_stack(folder)
+    elif kind == "model":
+        if not isinstance(read_json(folder / "config.json"), dict):
+            raise StageError(f"{folder / 'config.json'}: not a JSON object")
+        _check_weights(folder, WEIGHT_FILES, "a model folder without weights")
+    else:
+        raise StageError("not a checkpoint (no adapter_config.json or config.json)")
+
+
+def _check_adapter(folder: Path) -> None:
+    """adapter_config.json and the adapter's weights; the adapters beneath it are _check_stack's."""
+    config = read_json(folder / "adapter_config.json")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        # the project merges LoRA adapters only (merge_and_unload); another PEFT type fails deep inside peft
+        raise StageError(f"{folder / 'adapter_config.json'}: not a LoRA adapter config (a JSON object with "
+                         f"peft_type LORA)")
+    _check_weights(folder, ADAPTER_WEIGHT_FILES, "an adapter folder without adapter weights")
+
+
+def _check_weights(folder: Path, names: tuple[str, ...], missing: str) -> None:
+    """The weights file the loader will pick (the first of `names` present) has a readable safetensors header,
+    or is an index whose shards do. A pickled .bin cannot be checked without unpickling it: _loading names it."""
+    present = [name for name in names if os.path.isfile(folder / name)]
+    if not present:
+        raise StageError(f"{missing} ({', '.join(names)})")
+    weights = folder / present[0]
+    if weights.name.endswith(".safetensors"):
+        _check_safetensors(weights)
+    elif weights.name.endswith(".index.json"):
+        index = read_json(weights)
+        shards = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(shards, dict) or not shards or not all(isinstance(s, str) for s in shards.values()) \
+                or not isinstance(index.get("metadata"), dict):
+            raise StageError(f"{weights}: not a weights index (a JSON object with metadata and a weight_map of "
+                             f"tensor -> shard file)")
+        for shard in sorted(set(shards.values())):
+            if not os.path.isfile(folder / shard):
+                raise StageError(f"{weights}: shard {shard} not found")
+            if shard.endswith(".safetensors"):
+                _check_safetensors(folder / shard)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Reads the header only (safetensors checks that it covers the whole file, so a truncated one fails)."""
+    try:
+        with safe_open(path, framework="pt") as weights:
+            empty = not weights.keys()
+    except (SafetensorError, OSError) as err:
+        raise StageError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    if empty:  # peft would load it with a warning and leave the adapter at its initial weights
+        raise StageError(f"{path}: holds no tensors")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _check_stack(ckpt: Path) -> None:
+    """The adapters base_adapters.json lists are the stack the checkpoint was trained on, bottom first; each is
+    a LoRA adapter whose own base_adapters.json lists exactly the adapters before it (what save_adapter writes).
+    Checked one level down, never by recursion, so a list that loops back is a cycle here, not a RecursionError."""
+    listing = ckpt / BASE_ADAPTERS_FILE
+    itself = os.path.realpath(ckpt)
+    below: list[str] = []  # real paths of the adapters listed so far
+    for adapter in base_adapters(ckpt):
+        if not os.path.isdir(adapter):
+            raise StageError(f"{listing}: lists {adapter}, which is not a folder")
+        real = os.path.realpath(adapter)
+        if real == itself:
+            raise StageError(f"{listing}: lists the checkpoint itself (a cycle)")
+        if real in below:
+            raise StageError(f"{listing}: lists {adapter} twice")
+        if not is_adapter(adapter):
+            raise StageError(f"{listing}: lists {adapter}, which is not a LoRA adapter folder (no adapter_config.json)")
+        _check_adapter(Path(adapter))
+        beneath = [os.path.realpath(a) for a in base_adapters(adapter)]
+        if itself in beneath:
+            raise StageError(f"{listing}: lists {adapter}, whose {BASE_ADAPTERS_FILE} lists this checkpoint "
+                             f"(a cycle)")
+        if beneath != below:
+            raise StageError(f"{listing}: lists {adapter} on top of {below or 'the base model'}, but its "
+                             f"{BASE_ADAPTERS_FILE} lists {beneath or 'none'} beneath it (not the same stack)")
+        below.append(real)
 
 
 def require_checkpoint(path: str | Path, flag: str = "--policy_ckpt") -> Path:
@@ -87,19 +169,27 @@ def require_checkpoint(path: str | Path, flag: str = "--policy_ckpt") -> Path:
 
 
 def require_model_folder(path: str | Path) -> Path:
-    """model.path: a model folder with weights and a tokenizer."""
-    problem = checkpoint_problem(path, "model.path")
-    if problem is None and (Path(path) / "adapter_config.json").exists():
-        problem = f"model.path {path}: an adapter folder, not a base model"
-    if problem is None and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    """model.path: a model folder with a tokenizer and weights. The tokenizer's presence is checked before
+    the weights' headers are read: a folder holding only weights is told what it lacks."""
+    problem = None
+    if os.path.isdir(path) and not is_adapter(path) and \
+            not any(os.path.isfile(Path(path) / name) for name in TOKENIZER_FILES):
         problem = f"model.path {path}: no tokenizer ({', '.join(TOKENIZER_FILES)})"
+    problem = problem or checkpoint_problem(path, "model.path")
+    if problem is None and is_adapter(path):
+        problem = f"model.path {path}: an adapter folder, not a base model"
     if problem:
-        raise StageError(problem + ("" if Path(path).is_dir() else " (run download.sh, or check the path)"))
+        raise StageError(problem + ("" if os.path.isdir(path) else " (run download.sh, or check the path)"))
     return Path(path)
 
 
 class _loading:
     """Turns what transformers / peft raise on a broken folder into one line naming it."""
+
+    # what a broken file raises past checkpoint_problem's checks: a pickled .bin (UnpicklingError, EOFError,
+    # IndexError), a tensor of the wrong shape (RuntimeError), a config value of the wrong type (TypeError)
+    FAILURES = (OSError, ValueError, LookupError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError,
+                SafetensorError)
 
     def __init__(self, path):
         self.path = path
@@ -108,10 +198,9 @@ class _loading:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, (OSError, ValueError, KeyError, RuntimeError, TypeError)) \
-                and not issubclass(exc_type, StageError):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc_type.__name__
-            raise StageError(f"{self.path}: could not be loaded ({exc_type.__name__}: {first[:200]})") from None
+        if exc_type is not None and issubclass(exc_type, self.FAILURES) and not issubclass(exc_type, StageError):
+            why = exc_type.__name__ + (f": {_first_line(exc)}" if str(exc).strip() else "")
+            raise StageError(f"{self.path}: could not be loaded ({why})") from None
         return False
 
 
@@ -128,15 +217,17 @@ def load_tokenizer(model_path: str | Path):
 
 
 def base_adapters(ckpt: str | Path) -> list[str]:
-    """The adapters a checkpoint sits on. They are recorded as given (relative to the repository root when
-    relative), so run folders stay movable together with the repository."""
-    path = Path(ckpt) / BASE_ADAPTERS_FILE
-    adapters = json.loads(path.read_text())["adapters"] if path.is_file() else []
-    return [a if Path(a).is_absolute() or Path(a).exists() else str(REPO_ROOT / a) for a in adapters]
-
-
-def is_adapter(ckpt: str | Path) -> bool:
-    return (Path(ckpt) / "adapter_config.json").is_file()
+    """The adapters a checkpoint sits on, bottom first (its base_adapters.json; none without one). They are
+    recorded as given (relative to the repository root when relative), so run folders stay movable together with
+    the repository."""
+    listing = Path(ckpt) / BASE_ADAPTERS_FILE
+    if not os.path.lexists(listing):
+        return []
+    data = read_json(listing)
+    adapters = data.get("adapters") if isinstance(data, dict) else None
+    if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+        raise StageError(f"{listing}: not {{\"adapters\": [folders]}}")
+    return [a if os.path.isabs(a) or os.path.exists(a) else str(REPO_ROOT / a) for a in adapters]
 
 
 def load_model(model_path: str | Path, ckpt: str | Path | None = None, device: torch.device | None = None,
@@ -275,7 +366,7 @@ def save_adapter(model, tokenizer, dest: str | Path, adapters: list[str]) -> Pat
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     if adapters:
-        (dest / BASE_ADAPTERS_FILE).write_text(json.dumps({"adapters": adapters}, indent=2) + "\n")
+        write_json_atomic(dest / BASE_ADAPTERS_FILE, {"adapters": adapters})
     return dest
 
 

@@ -12,6 +12,8 @@ Components of a RewardResult:
   (|result| <= ZERO_TOLERANCE when exe_ans is 0). A yes/no answer matches only exactly;
 - program_match: FinQA's program accuracy (symbolically equivalent to the gold program, and the official
   script's result equals exe_ans; see utils.finqa_program: it can hold without exec_match);
+- program_check_bounded: program_match is False because the equivalence check met one of utils.finqa_program's
+  bounds (size, power, time), not by FinQA's rule;
 - partial_program: steps (op, arg1, arg2; #refs compared literally) shared by the gold and predicted programs,
   each predicted step used once (multiset), over the longer program's step count (padding earns nothing);
 - scale_error: a wrong number that is exe_ans * 100 or exe_ans / 100 within the tolerance (35 vs 0.35);
@@ -34,8 +36,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from utils.config import ConfigError
-from utils.finqa_program import execute_program, execution_match, program_steps, programs_equivalent, results_match
+from utils.config import ConfigError, parse_yaml
+from utils.finqa_program import equivalence, execute_program, execution_match, program_steps, results_match
 
 ZERO_TOLERANCE = 1e-6  # absolute tolerance for numeric_match when exe_ans is 0 (relative makes no sense there)
 COMPONENTS = ("exact", "numeric", "partial_program", "format")
@@ -70,15 +72,15 @@ class RewardWeights:
         {weights: {exact, numeric, partial_program, format_violation}, numeric_tolerance}. Missing keys keep
         their defaults; unknown keys are errors (a typo would silently keep a default)."""
         if isinstance(spec, (str, Path)):
-            import yaml
-
             path = Path(spec)
             if not path.is_file():
                 raise ConfigError(f"reward spec not found: {path}")
             try:
-                return cls.from_spec(yaml.safe_load(path.read_text(encoding="utf-8")))
-            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                return cls.from_spec(parse_yaml(path.read_bytes().decode("utf-8"), str(path)))
+            except UnicodeDecodeError as err:
                 raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            except ConfigError:
+                raise
             except ValueError as err:
                 raise ConfigError(f"{path}: {err}") from None
         if not isinstance(spec, dict):
@@ -227,6 +229,7 @@ class RewardResult:
     exec_match: bool = False
     numeric_match: bool = False
     program_match: bool = False
+    program_check_bounded: bool = False
     partial_program: float = 0.0
     scale_error: bool = False
     failure_reason: str = "invalid_json"
@@ -269,8 +272,10 @@ class RewardCalculator:
         result.exec_match = execution_match(execution, exe_ans)
         # FinQA's program accuracy compares what its script holds after running the program, which can be
         # exe_ans although a later step failed; sympy only where that holds
-        result.program_match = results_match(execution.official_value, exe_ans) and \
-            programs_equivalent(parsed.program, gold_program)
+        check = equivalence(parsed.program, gold_program) if results_match(execution.official_value, exe_ans) \
+            else None
+        result.program_match = check is not None and check.equivalent
+        result.program_check_bounded = check is not None and check.bounded
         if execution.valid:
             value = execution.value
             result.numeric_match = result.exec_match or numbers_close(value, exe_ans, w.numeric_tolerance)

@@ -2,14 +2,13 @@
 environment, and in each evaluation's metrics."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from utils.compare import fmt
 from utils.config import config_diff, flatten
 from utils.evaluations import is_number
-from utils.runs import STAGE_FOLDERS, StageError, read_manifest
+from utils.runs import STAGE_FOLDERS, StageError, read_json, read_manifest
 
 ENVIRONMENT_KEYS = ("python", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "device",
                     "git_commit", "platform")
@@ -28,8 +27,8 @@ def _evaluation_metrics(run_dir: Path) -> dict[str, dict]:
     out = {}
     for path in sorted(run_dir.glob(f"{STAGE_FOLDERS['evaluation']}/*/metrics.json")):
         try:
-            out[path.parent.name] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            out[path.parent.name] = read_json(path, "metrics")
+        except StageError:
             continue
     return out
 

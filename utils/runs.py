@@ -8,16 +8,14 @@ whose manifest does not say completed is not a finished stage.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,49 +26,27 @@ from typing import Any
 
 from utils.stages import REPO_ROOT, STAGE_FOLDERS  # noqa: F401  (the run layout, declared in utils/stages.py)
 from utils import processes
+from utils.files import (FolderLock, StageError, open_no_follow, os_error_text, read_json,  # noqa: F401
+                         remove_folder_manifest_last, write_atomic, write_json_atomic, write_text_atomic)
 
 MANIFEST = "manifest.json"
 
 
-class StageError(RuntimeError):
-    """A problem with a stage's inputs or outputs, reported as one line."""
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=2, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise StageError(f"cannot read {path} ({os_error_text(err)})") from None
     return digest.hexdigest()
+
+
+# A folder input is a checkpoint, a data folder or a stage's output: thousands of files and a few GB at most.
+# Past these bounds it is a mistake (an input path of `/`), refused before a byte is read.
+MAX_INPUT_FILES = 20_000
+MAX_INPUT_BYTES = 256 << 30
 
 
 def sha256_path(path: str | Path) -> str:
@@ -80,8 +56,19 @@ def sha256_path(path: str | Path) -> str:
         return sha256_file(path)
     if not path.is_dir():
         raise StageError(f"input not found: {path}")
+    files, size = [], 0
+    try:
+        for file in path.rglob("*"):
+            if file.is_file():
+                files.append(file)
+                size += file.stat().st_size
+                if len(files) > MAX_INPUT_FILES or size > MAX_INPUT_BYTES:
+                    raise StageError(f"input {path} is not a checkpoint or data folder (over {MAX_INPUT_FILES} "
+                                     f"files or {MAX_INPUT_BYTES >> 30} GiB); name the folder itself")
+    except OSError as err:
+        raise StageError(f"cannot read input {path} ({os_error_text(err)})") from None
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in sorted(files):
         digest.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
@@ -121,14 +108,37 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def manifest_problem(manifest: Any) -> str | None:
+    """Why a parsed manifest.json is not one this project wrote (wrong shape), or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("stage"), str) or not isinstance(manifest.get("status"), str):
+        return "no 'stage' and 'status' strings"
+    for key in ("config", "inputs", "outputs", "metrics"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            return f"'{key}' is not an object"
+    duration = manifest.get("duration_s")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                 or not math.isfinite(duration) or duration < 0):
+        return "'duration_s' is not a number of seconds"
+    for name, record in (manifest.get("inputs") or {}).items():
+        if not (isinstance(record, dict) and isinstance(record.get("path"), str) and record["path"]
+                and isinstance(record.get("sha256"), str)):
+            return f"input '{name}' is not a {{path, sha256}} record"
+    return None
+
+
 def read_manifest(stage_dir: str | Path) -> dict | None:
+    """A stage folder's manifest, or None when it has none this project could have written (missing, not
+    readable, or of the wrong shape: every reader may then rely on its fields' types)."""
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = read_json(path, "manifest")
+    except StageError:
         return None
+    return None if manifest_problem(manifest) else manifest
 
 
 def is_completed(stage_dir: str | Path) -> bool:
@@ -220,44 +230,84 @@ def is_stage_folder(folder: str | Path, stage: str) -> bool:
     return isinstance(manifest, dict) and manifest.get("stage") == stage and "status" in manifest
 
 
-def _clear(folder: Path) -> None:
-    shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+def enclosing_stage(path: str | Path) -> Path | None:
+    """The stage folder path would be inside (a folder above it holding a manifest.json of this project), by its
+    path as given and as resolved through links; None when there is none."""
+    path = Path(path)
+    for parents in (path.absolute().parents, path.resolve().parents):
+        for parent in parents:
+            if read_manifest(parent) is not None:
+                return parent
+    return None
+
+
+def nested_stage(folder: Path) -> Path | None:
+    """A stage folder somewhere inside folder (a manifest.json of this project below its top), or None."""
+    for manifest in folder.rglob(MANIFEST):
+        if manifest.parent != folder and read_manifest(manifest.parent) is not None:
+            return manifest.parent
+    return None
+
+
+def remove_stage_folder(folder: Path) -> None:
+    """Delete one of this stage's own folders, refusing if another stage's folder has come to be inside it."""
+    inner = nested_stage(folder)
+    if inner is not None:
+        raise StageError(f"{folder} holds the folder of another stage ({inner}); move that out first "
+                         f"(nothing was deleted)")
+    remove_folder_manifest_last(folder, MANIFEST)
+
+
+def refuse_foreign_folder(stage_dir: Path, stage: str) -> None:
+    """The read-only half of the folder rule: a StageError unless stage_dir is new, empty or this stage's own,
+    with nothing of anyone else's at its .previous place, and not inside another stage's folder."""
+    if stage_dir.is_symlink() or (stage_dir.exists() and not stage_dir.is_dir()):
+        raise StageError(f"{stage_dir} is not a folder a stage can write to (a file or a symbolic link)")
+    outer = enclosing_stage(stage_dir)
+    if outer is not None:
+        raise StageError(f"{stage_dir} is inside the folder of another stage ({outer}), which replacing that stage "
+                         f"would delete; choose an --output_dir / --run_id outside it (nothing was changed)")
+    previous = previous_dir(stage_dir)
+    if previous.is_symlink() or (previous.exists() and not is_stage_folder(previous, stage)):
+        raise StageError(f"{previous} exists and is not a folder of {stage}; move it away first")
+    if stage_dir.is_dir() and any(stage_dir.iterdir()) and not is_stage_folder(stage_dir, stage):
+        other = read_manifest(stage_dir)
+        what = f"the folder of another stage ({other['stage']})" if other else \
+            f"not empty and holds no readable {MANIFEST} of {stage}"
+        raise StageError(f"{stage_dir} is {what}: a stage only replaces its own folder; choose a new or "
+                         f"empty --output_dir (nothing was changed)")
 
 
 def prepare_stage_dir(stage_dir: str | Path, stage: str, overwrite: bool, keep_partial: bool = True) -> Path:
     """Make a stage folder ready, by the one rule every stage follows: a stage only ever deletes or replaces a
     folder that is provably its own (is_stage_folder) or empty; anything else is refused and left untouched.
 
-    - new or empty: used;
+    - new or empty: used, unless it lies inside another stage's folder (which that stage may replace);
     - this stage's, unfinished (running / failed): kept when keep_partial (so a stage can resume from its
       checkpoints), cleared otherwise;
     - this stage's, completed: refused without overwrite; with it, moved aside to previous_dir() until the new
       run completes (stage_run deletes it then, or moves it back if the new run fails);
-    - anything else (the user's files, another stage's folder, the repository): refused.
+    - anything else (the user's files, another stage's folder, the repository): refused;
+    - a folder of this stage that holds another stage's folder is never deleted.
+    The caller holds the folder's lock (stage_run), so no other stage changes it meanwhile.
     """
     stage_dir = Path(stage_dir)
-    if stage_dir.is_symlink() or (stage_dir.exists() and not stage_dir.is_dir()):
-        raise StageError(f"{stage_dir} is not a folder a stage can write to (a file or a symbolic link)")
+    refuse_foreign_folder(stage_dir, stage)
     previous = previous_dir(stage_dir)
-    if previous.exists() and not is_stage_folder(previous, stage):
-        raise StageError(f"{previous} exists and is not a folder of {stage}; move it away first")
     if stage_dir.is_dir() and any(stage_dir.iterdir()):
-        if not is_stage_folder(stage_dir, stage):
-            other = read_manifest(stage_dir)
-            what = f"the folder of another stage ({other.get('stage')})" if isinstance(other, dict) and \
-                other.get("stage") else f"not empty and holds no {MANIFEST} of {stage}"
-            raise StageError(f"{stage_dir} is {what}: a stage only replaces its own folder; choose a new or "
-                             f"empty --output_dir (nothing was changed)")
         if is_completed(stage_dir):
             if not overwrite:
                 raise StageError(f"{stage_dir} already holds a completed stage; pass --overwrite to replace it, "
                                  f"or choose another --run_id / --output_dir")
+            inner = nested_stage(stage_dir)
+            if inner is not None:
+                raise StageError(f"{stage_dir} holds the folder of another stage ({inner}); move that out before "
+                                 f"replacing it (nothing was changed)")
             if previous.exists():
-                shutil.rmtree(previous)  # an older result left by an interrupted replacement
+                remove_stage_folder(previous)  # an older result left by an interrupted replacement
             os.replace(stage_dir, previous)
         elif not keep_partial:
-            _clear(stage_dir)
+            remove_stage_folder(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     return stage_dir
 
@@ -265,13 +315,23 @@ def prepare_stage_dir(stage_dir: str | Path, stage: str, overwrite: bool, keep_p
 class stage_run:
     """Context manager: manifest 'running' on entry, 'completed' or 'failed' (with the error) on exit.
 
+    The main process holds the folder's lock (utils.files.FolderLock) from before it prepares the folder until
+    its result is settled, so two stages (single scripts or the driver's) never write one folder at once.
     Under several processes (utils.processes) only the main one prepares the folder and writes the manifest; the
     others wait until the folder is ready and get a StageRun that records inputs and outputs but writes nothing."""
 
     def __init__(self, stage: str, stage_dir: str | Path, config: dict, seed: int, overwrite: bool = False,
                  keep_partial: bool = True):
         self.writes = processes.is_main()
-        folder = prepare_stage_dir(stage_dir, stage, overwrite, keep_partial) if self.writes else Path(stage_dir)
+        self.lock = None
+        if self.writes:
+            refuse_foreign_folder(Path(stage_dir), stage)  # before the lock file beside it is made
+            self.lock = FolderLock(stage_dir).__enter__()
+        try:
+            folder = prepare_stage_dir(stage_dir, stage, overwrite, keep_partial) if self.writes else Path(stage_dir)
+        except BaseException:
+            self.lock is not None and self.lock.__exit__()
+            raise
         processes.wait_for_everyone()
         self.run = StageRun(stage=stage, dir=folder, config=config, seed=seed)
         self.previous = previous_dir(self.run.dir)
@@ -279,11 +339,20 @@ class stage_run:
     def __enter__(self) -> StageRun:
         if not self.writes:
             return self.run
-        self.run.write("running")
-        # Everything the stage logs also goes to <stage>/logs/stage.log.
-        log_file = self.run.dir / "logs" / "stage.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        self.log_handler = logging.FileHandler(log_file)
+        try:
+            self.run.write("running")
+            # Everything the stage logs also goes to <stage>/logs/stage.log.
+            log_file = self.run.dir / "logs" / "stage.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            self.log_handler = logging.StreamHandler(open_no_follow(log_file, append=True, text=True))
+        except BaseException:  # (a read-only folder, a full disk): the result it was to replace comes back
+            try:
+                if self.previous.exists():
+                    remove_stage_folder(self.run.dir)
+                    os.replace(self.previous, self.run.dir)
+            finally:
+                self.lock.__exit__()
+            raise
         self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(self.log_handler)
         return self.run
@@ -291,6 +360,15 @@ class stage_run:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.writes:
             return False
+        try:
+            self._settle(exc_type, exc)
+        finally:
+            logging.getLogger().removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.lock.__exit__()
+        return False
+
+    def _settle(self, exc_type, exc) -> None:
         if exc is None:
             self.run.write("completed")
         else:
@@ -299,16 +377,13 @@ class stage_run:
             self.run.write("failed", error=detail)
         if self.previous.exists():
             if exc is None:  # the new result is complete: the one it replaces can go
-                shutil.rmtree(self.previous)
+                remove_stage_folder(self.previous)
             else:  # the new run failed: the completed result it was to replace comes back
                 self._log_to_file(f"the earlier completed result in {self.run.dir} is kept")
                 logging.getLogger().removeHandler(self.log_handler)
                 self.log_handler.close()
-                shutil.rmtree(self.run.dir)
+                remove_stage_folder(self.run.dir)
                 os.replace(self.previous, self.run.dir)
-        logging.getLogger().removeHandler(self.log_handler)
-        self.log_handler.close()
-        return False
 
     def _log_to_file(self, message: str) -> None:
         self.log_handler.handle(logging.LogRecord("finqa_rl", logging.ERROR, __file__, 0, message, None, None))

@@ -7,24 +7,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import ConfigFlag, upstream_dir
-from utils.finqa_data import OFFICIAL_TEST, OFFICIAL_TEST_FILE, load_processed, read_jsonl
+from utils.finqa_data import OFFICIAL_TEST, OFFICIAL_TEST_FILE, check_processed_split, load_processed, read_jsonl
 from utils.compute import precision
-from utils.models import is_adapter, load_tokenizer, merged_policy_base, require_checkpoint
+from utils.models import checkpoint_kind, load_tokenizer, merged_policy_base, require_checkpoint
 from utils.reward import RewardCalculator, RewardWeights
-from utils.runs import StageError, is_completed
+from utils.runs import StageError, is_completed, sha256_file
 from utils.stages import STAGES
 
 log = logging.getLogger("finqa_rl")
 
 
 def processed_split(config: dict, split: str) -> Path:
-    path = Path(config["data"]["processed_dir"]) / f"{split}.jsonl"
+    """A split of the processed set 01 wrote, checked to be whole and built with this config's data settings."""
+    folder = Path(config["data"]["processed_dir"])
+    path = folder / f"{split}.jsonl"
     if not path.is_file():
         if split == OFFICIAL_TEST:
             raise StageError(f"{path} not found: 01_prepare_dataset.py builds it in the full or retrieved setting "
                              f"(data.context_mode) from a data.raw_dir that holds {OFFICIAL_TEST_FILE}")
         raise StageError(f"{path} not found (run 01_prepare_dataset.py first)")
-    return path
+    return check_processed_split(folder, split, config["data"], sha256_file)
 
 
 def reward_spec_path(args, config: dict) -> Path | None:
@@ -53,30 +55,31 @@ def reward_calculator(spec: Path | None, replaced: dict | None = None) -> Reward
 def sft_checkpoint(args, config: dict) -> Path:
     """--policy_ckpt, else the checkpoint inside this run's 03_sft that algorithm.sft_checkpoint names (null:
     the SFT stage's own, ckpt_sft/best), e.g. an earlier trainer checkpoint, ckpt_sft/checkpoints/checkpoint-50."""
-    return _sft_checkpoint_and_source(args, config)[0]
+    return require_checkpoint(*_sft_checkpoint_and_source(args, config))
 
 
 def _sft_checkpoint_and_source(args, config: dict) -> tuple[Path, str]:
-    """sft_checkpoint() and what named it (the flag or key its errors quote)."""
+    """The folder sft_checkpoint() names, not yet checked, and what named it (the flag or key its errors quote)."""
     if getattr(args, "policy_ckpt", None):
-        return require_checkpoint(args.policy_ckpt), "--policy_ckpt"
+        return Path(args.policy_ckpt), "--policy_ckpt"
     folder = upstream_dir(args, config, "sft")
     if not is_completed(folder):
         raise StageError(f"{folder} is not a completed SFT stage (run 03_sft_train.py first, or pass --policy_ckpt)")
     inside = config.get("algorithm", {}).get("sft_checkpoint")
     if inside is None:
-        return require_checkpoint(folder / STAGES["sft"].checkpoint, "checkpoint"), "checkpoint"
-    return require_checkpoint(folder / inside, "algorithm.sft_checkpoint"), "algorithm.sft_checkpoint"
+        return folder / STAGES["sft"].checkpoint, "checkpoint"
+    return folder / inside, "algorithm.sft_checkpoint"
 
 
 def sft_adapter(args, config: dict, method: str) -> Path:
     """sft_checkpoint(), which RL and DPO train a new adapter on: it must be a LoRA adapter, since
-    utils.models.load_model rebuilds an adapter stack on model.path, not on a merged checkpoint."""
+    utils.models.load_model rebuilds an adapter stack on model.path, not on a merged checkpoint. A model folder
+    is refused for what it is before its files are checked (sound weights would not make it usable here)."""
     ckpt, source = _sft_checkpoint_and_source(args, config)
-    if not is_adapter(ckpt):
+    if checkpoint_kind(ckpt) == "model":
         raise StageError(f"{source} {ckpt}: expected a LoRA adapter folder (adapter_config.json); "
                          f"{method} on a merged model is not supported")
-    return ckpt
+    return require_checkpoint(ckpt, source)
 
 
 def add_policy_flags(parser) -> None:

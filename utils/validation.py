@@ -7,8 +7,8 @@ same in each: its best/final checkpoints, its validation and the validation figu
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ from utils import processes
 from utils.generation import GenerationSettings, generate
 from utils.models import save_adapter
 from utils.reward import RewardCalculator
-from utils.runs import write_json_atomic
+from utils.runs import StageError, read_json, write_json_atomic
 
 log = logging.getLogger("finqa_rl")
 
@@ -122,7 +122,14 @@ class PolicyCheckpoints:
     def best_reward_saved(self) -> float | None:
         """The mean reward of the best checkpoint an interrupted run saved (so a resumed run keeps it unless beaten)."""
         summary = self.ckpt_dir / "best" / "val_summary.json"
-        return json.loads(summary.read_text())["mean_reward"] if summary.is_file() else None
+        if not summary.is_file():
+            return None
+        data = read_json(summary, "validation summary")
+        reward = data.get("mean_reward") if isinstance(data, dict) else None
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise StageError(f"{summary}: no finite 'mean_reward' (remove the interrupted run's checkpoint or "
+                             f"re-run without resuming)")
+        return reward
 
     def validation(self, rows: list[dict], calculator: RewardCalculator, settings: GenerationSettings, every: int,
                    seed: int, best_reward: float | None = None) -> ValidationCallback:
@@ -175,7 +182,9 @@ class JsonLogCallback(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.records: list[dict] = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.records: list[dict] = read_json(self.path, "training log") if self.path.is_file() else []
+        if not isinstance(self.records, list):
+            raise StageError(f"{self.path}: not a training log (a JSON list of records)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and processes.is_main():

@@ -5,7 +5,8 @@ new adapter off. Each step samples one completion for each of algorithm.rollout_
 scores them with the reward calculator, and runs algorithm.ppo_epochs of clipped PPO updates on them.
 Writes ckpt_ppo/{final,best}/ (LoRA adapter on the SFT stack, value_head.pt; best by val reward, the SFT start
 included), logs/training_log.json (statistics per step) and val_generations/step_N.json (greedy validation
-every algorithm.eval_every_steps, step 0 = the SFT model). Runs under `accelerate launch` as well.
+every algorithm.eval_every_steps, step 0 = the SFT model). Runs under `accelerate launch` as well (DDP; DeepSpeed
+is refused: utils.ppo.refuse_deepspeed).
 """
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.generation import settings_from_config
 from utils.models import configure_torch, count_parameters, lora_config
-from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, save_value_head
+from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, refuse_deepspeed, save_value_head
 from utils.runs import stage_run, write_json_atomic
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, add_policy_flags, policy_inputs, rl_train_rows
 from utils.validation import PolicyCheckpoints
@@ -43,6 +44,7 @@ def main() -> int:
     parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     add_policy_flags(parser)
     args = parser.parse_args()
+    refuse_deepspeed()  # before the config, model or accelerator (which would need the deepspeed package)
     config = resolve_config(args)
     settings = PPOSettings.from_config(config["algorithm"])
     log = setup_logging()

@@ -2,15 +2,20 @@
 """The pipeline end to end on a CUDA GPU at a real scale, and a results bundle small enough to bring back.
 
     python scripts/gpu_run.py                      # one GPU: 12_driver.py --method all --preset gpu
-    python scripts/gpu_run.py --launcher "accelerate launch --config_file configs/accelerate/multi_gpu.yaml"
+    python scripts/gpu_run.py --launcher "accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 8"
     python scripts/gpu_run.py --quick_test         # the same steps at --quick_test size, on any machine (CI)
+    python scripts/gpu_run.py --cpu_check -- --set grpo.algorithm.steps=1 ...   # the gpu preset on a CPU
     python scripts/gpu_run.py -- --set sft.algorithm.epochs=1   # after --: the driver's own arguments
 
 Runs the driver (base, SFT, PPO, GRPO, RLOO, DPO, every evaluation and 11's report; configs/presets/gpu.yaml, or
 --quick_test in its place), then writes <outputs>/<run_id>/bundle.tar.gz: run_manifest.json, every stage's
 manifest.json, 10's metrics.json, 11's summary.csv and report.md, and bundle_info.json (the device by name and
 memory, torch and CUDA versions, the driver's command and wall time). Without a CUDA GPU it stops before running
-anything unless --quick_test is given. An interrupted run resumes with the same command (the driver's rules).
+anything unless --quick_test or --cpu_check is given. --cpu_check runs the gpu preset itself on this machine's CPU,
+to check the GPU users' configuration end to end before a GPU is at hand: cut its budget down with the driver's
+--set after -- (tests/test_gpu_preset.py: one step of every method at the preset's batch arithmetic on a tiny
+model); its bundle says cpu_check, so its figures are never taken for a GPU's. An interrupted run resumes with
+the same command (the driver's rules).
 """
 from __future__ import annotations
 
@@ -92,16 +97,19 @@ def main() -> int:
     argv = sys.argv[1:]
     driver_args = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick_test", action="store_true", help="the driver's --quick_test instead of the gpu "
-                                                                  "preset; allowed without a GPU")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick_test", action="store_true", help="the driver's --quick_test instead of the gpu "
+                                                                "preset; allowed without a GPU")
+    mode.add_argument("--cpu_check", action="store_true", help="the gpu preset on this CPU (allowed without a GPU; "
+                                                               "cut its budget with the driver's --set after --)")
     parser.add_argument("--run_id", default="gpu", help="the driver's run folder (default: gpu)")
     parser.add_argument("--launcher", default=None, help="the driver's --launcher (several GPUs)")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
 
     info = device_info()
-    if not info["cuda_available"] and not args.quick_test:
+    if not info["cuda_available"] and not (args.quick_test or args.cpu_check):
         print("error: no CUDA GPU here (torch.cuda.is_available() is False); pass --quick_test to run the same "
-              "steps at test size on this machine", file=sys.stderr)
+              "steps at test size on this machine, or --cpu_check to run the gpu preset itself here", file=sys.stderr)
         return 1
     command = [sys.executable, str(REPO_ROOT / "12_driver.py"), "--method", "all", "--run_id", args.run_id,
                *(["--quick_test"] if args.quick_test else ["--preset", "gpu"]),
@@ -110,7 +118,8 @@ def main() -> int:
     started = time.time()
     code = subprocess.call(command, cwd=REPO_ROOT)
     info.update({"driver_command": command[1:], "driver_exit_code": code,
-                 "driver_wall_time_s": round(time.time() - started, 1), "quick_test": args.quick_test})
+                 "driver_wall_time_s": round(time.time() - started, 1), "quick_test": args.quick_test,
+                 "cpu_check": args.cpu_check})
     run_dir = outputs_dir(driver_args)
     run_dir = (run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir) / args.run_id
     if not run_dir.is_dir():

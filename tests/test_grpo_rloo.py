@@ -221,6 +221,12 @@ def test_stage_rejects_bad_input(run_stage, tmp_path, capsys):
         assert run_stage(script, "--quick_test", "--set", "algorithm.use_vllm=true", "--output_dir", str(out)) == 1
         assert "algorithm.use_vllm: vLLM generation needs a CUDA GPU" in capsys.readouterr().err
         assert not out.exists()
+        # server mode: refused on any device (nothing starts `trl vllm-serve`), so before the CUDA check
+        assert run_stage(script, "--quick_test", "--set", "algorithm.use_vllm=true", "--set",
+                         "algorithm.vllm_mode=server", "--output_dir", str(out)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: algorithm.vllm_mode: server needs a `trl vllm-serve` process")
+        assert "use algorithm.vllm_mode=colocate" in err and err.count("\n") == 1 and not out.exists()
     assert run_stage("06_train_grpo.py", "--quick_test", "--set", "algorithm.vllm_mode=remote") == 1
     assert "'algorithm.vllm_mode' must be one of colocate, server" in capsys.readouterr().err
 

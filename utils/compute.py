@@ -1,7 +1,9 @@
 """Which number format a stage computes in, and why (DESIGN.md "Compute").
 
 `model.dtype: auto` picks bfloat16 where the device runs it natively and fast, float32 elsewhere:
-- CUDA: bfloat16 when the GPU supports it (torch.cuda.is_bf16_supported).
+- CUDA: bfloat16 when the GPU runs it natively: compute capability 8.0 (Ampere) or newer. Not
+  torch.cuda.is_bf16_supported(), which is True on a V100 (7.0) or T4 (7.5) too, where bf16 is emulated and slower
+  than float32. Not yet run on a GPU (tests/test_gpu_records.py monkeypatches torch.cuda).
 - CPU: bfloat16 only when /proc/cpuinfo lists avx512_bf16 or amx_bf16 AND a short probe measures bf16 matmuls
   clearly faster than fp32 (>= BF16_MIN_SPEEDUP at a prefill-shaped and a decode-shaped matmul of the model's
   sizes, the two dtypes timed in alternation, best of several rounds), so nothing gets slower on a CPU where bf16
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+CUDA_BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores
 BF16_MIN_SPEEDUP = 1.5          # bf16 must beat fp32 by this much at every probed shape to be chosen
 PROBE_SHAPES = ((512, 576, 1536), (64, 576, 1536))  # (rows, in, out): prefill- and decode-shaped, SmolLM2 sizes
 NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -129,9 +132,13 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     kind = device.type
     if requested == "auto":
         if kind == "cuda":
-            bf16 = torch.cuda.is_bf16_supported()
-            return Precision("bfloat16" if bf16 else "float32", requested, kind,
-                             "auto: the GPU supports bf16" if bf16 else "auto: the GPU has no bf16")
+            capability = tuple(torch.cuda.get_device_capability(device))
+            shown, needed = (".".join(map(str, c)) for c in (capability, CUDA_BF16_CAPABILITY))
+            if capability >= CUDA_BF16_CAPABILITY:
+                return Precision("bfloat16", requested, kind,
+                                 f"auto: GPU compute capability {shown} (>= {needed}): native bf16")
+            return Precision("float32", requested, kind,
+                             f"auto: GPU compute capability {shown} (< {needed}): bf16 would be emulated")
         dtype, reason, probe = _cpu_choice(torch.get_num_threads())
         return Precision(dtype, requested, kind, reason, probe)
     if requested == "float16" and kind == "cpu":

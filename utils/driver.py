@@ -67,7 +67,7 @@ from utils.config import ConfigError, config_diff, get_key, load_config, load_ya
 from utils.evaluations import completed_metrics_files
 from utils.files import FolderLock, open_no_follow, read_json
 from utils.runs import REPO_ROOT, STAGE_FOLDERS, StageError, enclosing_stage, is_stage_folder, now_iso, read_manifest, \
-    run_root, sha256_path, write_json_atomic
+    peak_gpu_mib, run_root, sha256_path, write_json_atomic
 from utils.stages import METHODS, RL_METHODS, STAGES, VARIANTS
 
 F = STAGE_FOLDERS
@@ -208,20 +208,38 @@ class DriverSettings:
 
     @property
     def processes(self) -> int | None:
-        """The processes --launcher asks for (1 without a launcher; None when it does not say)."""
+        """The processes --launcher asks for (1 without a launcher; None when it does not say). As `accelerate launch`
+        does: --num_processes wins over the --config_file's num_processes; a config file without one (or -1) is a
+        ConfigError, since accelerate 1.15 then stops for want of --num_processes (it takes the GPU count only when
+        there is no config file)."""
         if not self.launcher:
             return 1
         parts = shlex.split(self.launcher)
-        for flag in ("--config_file", "--config-file"):  # accelerate's config file (configs/accelerate/*.yaml)
-            if flag in parts[:-1] and not {"--num_processes", "--num-processes"} & set(parts):
-                return int(load_yaml(parts[parts.index(flag) + 1]).get("num_processes") or 1)
-        for flag in ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node"):
-            if flag in parts[:-1]:
-                return int(parts[parts.index(flag) + 1])
-            given = [p for p in parts if p.startswith(flag + "=")]
-            if given:
-                return int(given[0].split("=", 1)[1])
-        return None
+
+        def value(*flags: str) -> str | None:
+            for index, part in enumerate(parts):
+                if part in flags and index + 1 < len(parts):
+                    return parts[index + 1]
+                if part.split("=", 1)[0] in flags and "=" in part:
+                    return part.split("=", 1)[1]
+            return None
+
+        given = value("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node")
+        if given is not None:
+            return int(given)
+        config_file = value("--config_file", "--config-file")  # accelerate's config file (configs/accelerate/*.yaml)
+        if config_file is None:
+            return None
+        config = load_yaml(config_file)
+        count = config.get("num_processes")
+        if count is None and config.get("distributed_type") == "NO":
+            return 1  # accelerate's own default for a single-process config
+        if count is None or count == -1:
+            raise ConfigError(f"{config_file} leaves num_processes to the command line and accelerate launch stops "
+                              f"without it: add --num_processes N (the GPUs to use) to the launcher")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{config_file}: num_processes must be a whole number >= 1, got {count!r}")
+        return count
 
 
 class Resolver:
@@ -619,7 +637,9 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class RunManifest:
-    """outputs/<run_id>/run_manifest.json: every stage manifest with status, duration, ran or skipped."""
+    """outputs/<run_id>/run_manifest.json: every stage manifest with status, duration, ran or skipped, and for a
+    stage run by this invocation its process's peak memory: RSS (the driver measures it) and, where the stage used
+    CUDA, GPU (read from its manifest: utils.runs.peak_gpu_mib)."""
 
     def __init__(self, run_dir: Path, argv: list[str], methods: list[str], decisions: list[Decision]):
         self.path = run_dir / RUN_MANIFEST
@@ -639,7 +659,7 @@ class RunManifest:
         return {"stage": d.spec.name, "script": d.spec.script, "folder": str(folder),
                 "manifest": str(folder / "manifest.json"), "action": d.action if d.action != "run" else "pending",
                 "reason": d.reason, "command": shlex.join(d.command), "status": None, "duration_s": None,
-                "driver_wall_s": None, "cpu_s": None, "peak_rss_mb": None, "log": None}
+                "driver_wall_s": None, "cpu_s": None, "peak_rss_mb": None, "peak_gpu_mib": None, "log": None}
 
     def update(self, index: int, **fields: Any) -> None:
         self.data["stages"][index].update(fields)
@@ -653,6 +673,8 @@ class RunManifest:
             manifest = read_manifest(Path(entry["folder"])) or {}
             entry["status"] = manifest.get("status")
             entry["duration_s"] = manifest.get("duration_s")
+            if entry["log"]:  # run by this invocation (a skipped stage's figure would be an earlier run's)
+                entry["peak_gpu_mib"] = peak_gpu_mib(manifest)
         wall = round(time.time() - self.started, 2)
         self.data["wall_time_s"] = wall
         self.data["stages_duration_s"] = round(sum(e["duration_s"] or 0 for e in self.data["stages"]), 2)
@@ -789,12 +811,13 @@ def execute(resolver: Resolver, decisions: list[Decision], manifest: RunManifest
         manifest.update(index, action="ran", driver_wall_s=wall)
         echo(f"{tag}: done in {format_duration(wall)} [elapsed {format_duration(time.time() - started)}]\n")
     manifest.write("completed")
-    rows = [(e["stage"], e["action"], e["status"] or "-", e["driver_wall_s"], e.get("cpu_s"), e.get("peak_rss_mb"))
-            for e in manifest.data["stages"]]
-    echo("\nsummary (wall time; CPU time and peak memory of the stage's process):\n" + "\n".join(
+    rows = [(e["stage"], e["action"], e["status"] or "-", e["driver_wall_s"], e.get("cpu_s"), e.get("peak_rss_mb"),
+             e.get("peak_gpu_mib")) for e in manifest.data["stages"]]
+    echo("\nsummary (wall time; CPU time, peak memory and peak GPU memory of the stage's process):\n" + "\n".join(
         f"  {stage:<28} {action:<8} {status:<10} {'' if wall is None else format_duration(wall)}"
         f"{'' if cpu is None else f'  cpu {format_duration(cpu)}'}{'' if rss is None else f'  peak {rss:.0f} MB'}"
-        for stage, action, status, wall, cpu, rss in rows) + "\n")
+        f"{'' if gpu is None else f'  gpu {gpu:.0f} MiB'}"
+        for stage, action, status, wall, cpu, rss, gpu in rows) + "\n")
     if not ran:
         echo(f"nothing to do: all {total} stage(s) are up to date (completed, same config and seed, inputs "
              f"unchanged)\n")

@@ -33,12 +33,14 @@ position ids follow the attention mask, as in generation, so left padding does n
 values. The sampled responses are scored as returned by utils.generation (up to and including a stop token).
 
 With several processes (`accelerate launch`), each process rolls out its own rollout_batch_size prompts, and
-gradients are averaged by DDP; logged figures are averaged over processes (counts are summed).
+gradients are averaged by DDP; logged figures are averaged over processes (counts are summed). DeepSpeed is
+refused (refuse_deepspeed).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, fields
@@ -110,6 +112,19 @@ class PPOSettings:
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ConfigError(f"algorithm.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                               f"algorithm.gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+
+
+def refuse_deepspeed() -> None:
+    """PPO's loop does not run under DeepSpeed: one `error:` line before anything loads, never a crash at start."""
+    # `accelerate launch` with a DEEPSPEED config sets this (accelerate/utils/launch.py, prepare_deepspeed_cmd_env)
+    # and Accelerator() turns it into DistributedType.DEEPSPEED (accelerate/state.py), so it is read the same way.
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ConfigError(
+            "05_train_ppo.py does not run under DeepSpeed (ACCELERATE_USE_DEEPSPEED=true, e.g. accelerate launch "
+            "--config_file configs/accelerate/deepspeed_zero2.yaml): its loop prepares no DataLoader, so DeepSpeed's "
+            "train_micro_batch_size_per_gpu: auto cannot be resolved, and DeepSpeed's backward steps the optimizer "
+            "on every micro-batch instead of once per minibatch; run it under configs/accelerate/multi_gpu.yaml "
+            "(DDP) or single_gpu.yaml")
 
 
 # --- pure functions (tensors of shape (batch, response tokens), mask 1 = real token, 0 = padding) -------

@@ -453,16 +453,25 @@ def expected_log_keys(algo: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 
+# Why no vLLM installs beside this stack (tests/test_launchers.py checks the versions against trl's metadata and
+# requirements.txt): a plain `pip install vllm` takes a release trl 1.16 refuses and replaces torch underneath.
+VLLM_UNAVAILABLE = ("trl 1.16 supports vllm>=0.22.0,<=0.31.0 (its `vllm` extra), vLLM 0.31 needs transformers<5.18 "
+                    "and requirements.txt pins transformers==5.23.0, so no vLLM release installs with this pin yet")
+
+
 def require_vllm_if_asked(algo: dict, device) -> None:
     """algorithm.use_vllm on a machine that cannot run vLLM is an error, never a silent fall-back to generate."""
     if not algo["use_vllm"]:
         return
+    if algo["vllm_mode"] == "server":  # on any device: trl would wait its 240 s for a server nobody started
+        raise ConfigError("algorithm.vllm_mode: server needs a `trl vllm-serve` process, and this project does not "
+                          "start one or pass its host and port; use algorithm.vllm_mode=colocate")
     if device.type != "cuda":
         raise ConfigError(f"algorithm.use_vllm: vLLM generation needs a CUDA GPU and this stage runs on {device.type} "
                           f"(set algorithm.use_vllm=false)")
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("algorithm.use_vllm: the vllm package is not installed (pip install vllm, or set "
-                          "algorithm.use_vllm=false)")
+        raise ConfigError(f"algorithm.use_vllm: the vllm package is not installed: {VLLM_UNAVAILABLE} "
+                          f"(set algorithm.use_vllm=false)")
 
 
 def stage_parser_for(method: RLMethod, description: str):

@@ -1,7 +1,8 @@
 """Run folders and stage manifests (DESIGN.md: "Stages and their folders").
 
 Every stage writes outputs/<run_id>/<stage folder>/manifest.json: status running -> completed | failed, times,
-command line, resolved config, seed, inputs with sha256, outputs, headline metrics and the environment.
+command line, resolved config, seed, inputs with sha256, outputs, headline metrics and the environment (and the
+peak GPU memory of a stage that used CUDA: gpu_memory).
 Manifests are written atomically (temp file + rename), so a reader never sees half a manifest, and a folder
 whose manifest does not say completed is not a finished stage.
 """
@@ -97,11 +98,47 @@ def environment_info() -> dict:
     torch = sys.modules.get("torch")
     if torch is None:
         info["device"] = f"cpu ({os.cpu_count()} cores; no model in this stage)"
-    elif torch.cuda.is_available():
-        info["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
+    elif torch.cuda.is_initialized():  # (naming a GPU before would start CUDA in a stage that never used it)
+        info["device"] = f"cuda ({torch.cuda.get_device_name(torch.cuda.current_device())})"
     else:
-        info["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        unused = "; CUDA available, not used" if torch.cuda.is_available() else ""
+        info["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads{unused})"
     return info
+
+
+MIB = 1 << 20
+
+
+def gpu_memory() -> dict | None:
+    """This process's peak GPU memory, for a stage that used CUDA: per device it used (its allocator reserved
+    memory there; else the current device), the device's total and the caching allocator's peaks, in MiB. None
+    where torch is not loaded or CUDA was never initialised: a CPU or data stage must not start CUDA to say so.
+    Under several processes only the main one writes the manifest, so only its own device is recorded."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    cuda = torch.cuda
+    used = [i for i in range(cuda.device_count()) if cuda.max_memory_reserved(i)] or [cuda.current_device()]
+    devices = []
+    for index in used:
+        properties = cuda.get_device_properties(index)
+        devices.append({"index": index, "name": properties.name,
+                        "total_mib": round(properties.total_memory / MIB, 1),
+                        "max_allocated_mib": round(cuda.max_memory_allocated(index) / MIB, 1),
+                        "max_reserved_mib": round(cuda.max_memory_reserved(index) / MIB, 1)})
+    scope = (f"the main process of {processes.world_size()} (the others' devices are not recorded)"
+             if processes.several() else "the stage's one process")
+    return {"scope": scope, "devices": devices}
+
+
+def peak_gpu_mib(manifest: dict) -> float | None:
+    """A stage manifest's peak GPU memory: the largest max_reserved_mib of its gpu_memory (what the allocator
+    held, so what had to fit), or None where it records none."""
+    record = manifest.get("gpu_memory")
+    devices = record.get("devices") if isinstance(record, dict) else None
+    peaks = [d.get("max_reserved_mib") for d in devices if isinstance(d, dict)] if isinstance(devices, list) else []
+    peaks = [p for p in peaks if isinstance(p, (int, float)) and not isinstance(p, bool)]
+    return max(peaks) if peaks else None
 
 
 def now_iso() -> str:
@@ -211,6 +248,9 @@ class StageRun:
             "environment": environment_info(),
             **self.extra,
         }
+        gpu = gpu_memory()
+        if gpu is not None:
+            manifest["gpu_memory"] = gpu
         if error:
             manifest["error"] = error
         return manifest

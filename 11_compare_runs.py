@@ -5,7 +5,8 @@ outputs/run_*/10_evaluation/*/metrics.json). Writes to --output_dir (default out
 summary.csv (one row per evaluation: run, method, seed, model, every metric of its metrics.json, training wall
 time, tokens and completions where the training manifest logs them), report.md (a table per metric, the best
 method per metric, each method against the baseline of the same run on the same test items: exact McNemar test
-on execution match and paired bootstrap CIs), and plots/ (metrics by method with error bars over seeds,
+on execution match, paired bootstrap CIs and the test's minimum detectable effect, MDE: utils/stats.mcnemar_mde;
+summary.csv carries each row's difference, p-value and MDE against the baseline too), and plots/ (metrics by method with error bars over seeds,
 training reward/loss curves, accuracy against compute).
 
 --diff RUN_A RUN_B prints what differs between two runs (resolved config keys per stage, inputs' sha256, package
@@ -18,7 +19,8 @@ import utils  # noqa: F401  (first: sets the threading environment before anythi
 from utils import plots
 from utils.cli import main_guard, setup_logging
 from utils.compare import (DEFAULT_INPUT, best_per_metric, bootstrap_all, comparison_config, group_stats,
-                           paired_tests, report_markdown, summary_frame, training_curves)
+                           paired_tests, report_markdown, split_mde, summary_frame, training_curves,
+                           with_paired_tests)
 from utils.evaluations import HEADLINE, completed_metrics_files, load_evaluations
 from utils.run_diff import diff_runs, format_diff, resolve_run
 from utils.runs import StageError, stage_run, write_atomic, write_json_atomic, write_text_atomic
@@ -76,9 +78,9 @@ def main() -> int:
                 run.add_input(f"{name}/training_log", result.training_log)
 
         cis = bootstrap_all(results, config, args.seed)
-        summary = summary_frame(results, cis)
-        write_atomic(run.add_output("summary", run.dir / "summary.csv"), lambda f: summary.to_csv(f, index=False))
         tests, notes = paired_tests(results, config, args.seed)
+        summary = with_paired_tests(summary_frame(results, cis), tests)
+        write_atomic(run.add_output("summary", run.dir / "summary.csv"), lambda f: summary.to_csv(f, index=False))
         write_json_atomic(run.add_output("paired_tests", run.dir / "paired_tests.json"), tests)
 
         bars = {}
@@ -114,8 +116,9 @@ def main() -> int:
         run.metrics.update({"n_evaluations": len(results), "n_runs": int(summary["run"].nunique()),
                             "methods": list(dict.fromkeys(summary["method"])),
                             "best": {b["metric"]: {"method": b["best"], "mean": b["mean"]} for b in best},
-                            "paired_tests": [{k: t[k] for k in ("run", "label", "diff", "b", "c", "p_value")}
-                                             for t in tests]})
+                            "paired_tests": [{k: t[k] for k in ("run", "label", "diff", "b", "c", "p_value", "mde")}
+                                             for t in tests],
+                            "split_mde": split_mde(tests)})
         for note in notes:
             log.info("%s", note)
         for b in best:

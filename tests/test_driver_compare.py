@@ -12,6 +12,7 @@ from utils.cli import UsageError
 from utils.driver import DriverSettings, Resolver, build_plan, main as driver_main, parse_methods, \
     plan_and_resolver, select_stages
 from utils.runs import read_manifest, sha256_path, write_json_atomic
+from utils.stats import mcnemar_mde
 
 # the cheap part of the pipeline: real stages, each its own process (01, 02, base evaluation, comparison);
 # after the first two invocations the comparison is left out to keep the test short
@@ -326,13 +327,21 @@ def test_compare_runs_summary_tests_plots_and_diff(tmp_path, capsys):
         assert low <= tests[run]["diff"] <= high
         low, high = tests[run]["accuracy_ci"]
         assert low <= tests[run]["accuracy"] <= high
+        # 10 items with 4-5 discordant: no difference is detectable with 80% power (tests/test_power.py: the formula)
+        assert tests[run]["mde"] is None and mcnemar_mde(N_ITEMS, n) is None
     assert (tests["run_a"]["b"], tests["run_a"]["c"], tests["run_a"]["p_value"]) == (3, 1, pytest.approx(0.625))
+    for row in summary.to_dict("records"):  # each row carries its paired test
+        test = tests[row["run"]] if row["label"] == "grpo" else None
+        assert row["p_vs_baseline"] == pytest.approx(test["p_value"]) if test else pd.isna(row["p_vs_baseline"])
+        assert pd.isna(row["mde_vs_baseline"])
     for row in summary.to_dict("records"):
         assert row["execution_accuracy_ci_low"] <= row["execution_accuracy"] <= row["execution_accuracy_ci_high"]
 
     report = (out_dir / "report.md").read_text()
     assert "## execution_accuracy" in report and "Best method per metric" in report
     assert "| run_a | grpo | 10 |" in report and "0.625" in report
+    assert "| – | not detected; at this discordance no difference is detectable |" in report
+    assert "no effect" not in report.replace("never read as no effect", "")
     grpo_mean = (sum(EXEC["run_a"]["grpo"]) + sum(EXEC["run_b"]["grpo"])) / (2 * N_ITEMS)
     assert f"| execution_accuracy | grpo | {grpo_mean:.4f} |" in report
     assert "(std over 2 runs)" in report

@@ -14,7 +14,7 @@ from utils.config import apply_overrides, flatten
 from utils.files import read_json
 from utils.runs import StageError
 from utils.evaluations import HEADLINE, LOSS_KEYS, REWARD_KEYS, Evaluation, is_number
-from utils.stats import as_bool, bootstrap_ci, mcnemar_exact, paired_bootstrap
+from utils.stats import MDE_ALPHA, MDE_POWER, as_bool, bootstrap_ci, mcnemar_exact, mcnemar_mde, paired_bootstrap
 
 log = logging.getLogger("finqa_rl")
 
@@ -141,8 +141,38 @@ def paired_tests(results: list[Evaluation], config: dict, seed: int) -> tuple[li
                           "n_items": len(joined), "accuracy": boot["method"][0],
                           "accuracy_ci": boot["method"][1:], "baseline_accuracy": boot["baseline"][0],
                           "baseline_ci": boot["baseline"][1:], "diff": boot["diff"][0], "diff_ci": boot["diff"][1:],
-                          **{k: mcnemar[k] for k in ("b", "c", "n_discordant", "p_value")}})
+                          **{k: mcnemar[k] for k in ("b", "c", "n_discordant", "p_value")},
+                          "mde": mcnemar_mde(len(joined), mcnemar["n_discordant"])})
     return tests, notes
+
+
+def reading(test: dict) -> str:
+    """What a paired test says, in words that never call a difference it could not see 'no effect'."""
+    if test["p_value"] < MDE_ALPHA:
+        return f"differs (p < {MDE_ALPHA:g})"
+    if test["mde"] is None:
+        return "not detected; at this discordance no difference is detectable"
+    return f"not detected; this test sees >= {100 * test['mde']:.1f} points"
+
+
+def split_mde(tests: list[dict]) -> dict | None:
+    """The split's minimum detectable effect: its item count and the pairs' median discordance (None: no test)."""
+    if not tests:
+        return None
+    n = int(np.median([t["n_items"] for t in tests]))
+    share = float(np.median([t["n_discordant"] / t["n_items"] for t in tests]))
+    return {"n_items": n, "discordance": share, "mde": mcnemar_mde(n, round(share * n))}
+
+
+def with_paired_tests(summary: pd.DataFrame, tests: list[dict]) -> pd.DataFrame:
+    """summary.csv's rows with their paired test against the baseline (difference, p-value, MDE) where one ran."""
+    columns = {"diff_vs_baseline": "diff", "p_vs_baseline": "p_value", "mde_vs_baseline": "mde"}
+    found = {(t["run"], t["label"]): t for t in tests}
+    summary = summary.copy()
+    for column, key in columns.items():
+        summary[column] = [found[(run, label)][key] if (run, label) in found else None
+                           for run, label in zip(summary["run"], summary["label"])]
+    return summary
 
 
 def best_per_metric(summary: pd.DataFrame) -> list[dict]:
@@ -212,14 +242,24 @@ def report_markdown(summary: pd.DataFrame, results: list[Evaluation], cis: dict,
     out += [f"## Paired comparison against {config['baseline']} (execution match, same test items)", "",
             f"b = items the method answers correctly and {config['baseline']} does not; c = the reverse. "
             "Exact McNemar test: two-sided binomial test of b successes in b + c trials with p = 1/2 "
-            "(scipy.stats.binomtest). Differences are method − baseline with paired bootstrap intervals.", ""]
+            "(scipy.stats.binomtest). Differences are method − baseline with paired bootstrap intervals. "
+            f"MDE: the smallest difference the test detects at α = {MDE_ALPHA:g} with {MDE_POWER:.0%} power on these "
+            "items at their observed share of discordant items (b + c) / items (Connor 1987, "
+            "utils/stats.mcnemar_mde); a difference not detected is never read as no effect, only as smaller than "
+            "what the test could see.", ""]
     if tests:
         out.append(_table(["run", "method", "items", "exec acc", f"{conf}% CI", f"{config['baseline']}",
-                           "diff", f"diff {conf}% CI", "b", "c", "p-value"],
+                           "diff", f"diff {conf}% CI", "b", "c", "p-value", "MDE", "reading"],
                           [[t["run"], t["method"], str(t["n_items"]), t["accuracy"],
                             f"[{fmt(t['accuracy_ci'][0])}, {fmt(t['accuracy_ci'][1])}]", t["baseline_accuracy"],
                             f"{t['diff']:+.4f}", f"[{fmt(t['diff_ci'][0])}, {fmt(t['diff_ci'][1])}]",
-                            str(t["b"]), str(t["c"]), fmt_p(t["p_value"])] for t in tests]))
+                            str(t["b"]), str(t["c"]), fmt_p(t["p_value"]),
+                            "–" if t["mde"] is None else f"{t['mde']:.4f}", reading(t)] for t in tests]))
+        split = split_mde(tests)
+        if split["mde"] is not None:
+            out += ["", f"At this split's size ({split['n_items']} items) and the pairs' median discordance "
+                        f"({split['discordance']:.3f}), these tests detect differences of {split['mde']:.4f} "
+                        f"({100 * split['mde']:.1f} points) or more with {MDE_POWER:.0%} power."]
     else:
         out.append("No paired test could be made.")
     out += [""] + [f"- {note}" for note in notes] + ([""] if notes else [])

@@ -93,6 +93,7 @@ class PPOSettings:
     candidate_scores: str | None
     sft_checkpoint: str | None     # the policy it starts from and its reward: read by utils.stage_inputs
     reward_weights: dict
+    reward_control: str
 
     @classmethod
     def from_config(cls, algo: dict) -> "PPOSettings":
@@ -460,7 +461,8 @@ class PPOTrainer:
         timings["generation"] = time.time() - started
 
         started = time.time()
-        results = [self.calculator.score_example(g.text, row) for g, row in zip(generations, rows)]
+        results = self.calculator.for_training([self.calculator.score_example(g.text, row)
+                                                for g, row in zip(generations, rows)])
         device = self.accelerator.device
         scores = torch.tensor([float(r.total) for r in results], device=device)
         timings["reward"] = time.time() - started

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -249,8 +250,24 @@ class RewardResult:
 
 
 class RewardCalculator:
-    def __init__(self, weights: RewardWeights | None = None):
+    def __init__(self, weights: RewardWeights | None = None, shuffle_seed: int | None = None):
         self.weights = weights or RewardWeights()
+        # the random-reward control (algorithm.reward_control: shuffled): see for_training
+        self._shuffle = random.Random(shuffle_seed) if shuffle_seed is not None else None
+
+    @property
+    def shuffled(self) -> bool:
+        return self._shuffle is not None
+
+    def for_training(self, results: list[RewardResult]) -> list[RewardResult]:
+        """The rewards a training batch (a step's rollouts) learns from: the results as scored, or, under the
+        random-reward control, a seeded random permutation of them. The batch keeps exactly its rewards' values
+        (so the distribution's shape, mean and spread, step by step, as the real reward's), but no reward follows
+        the completion that earned it: what the method gains from it is what a reward without information gives.
+        Validation and evaluation score items one by one (score / score_example) and are never shuffled."""
+        if self._shuffle is None:
+            return results
+        return self._shuffle.sample(results, len(results))
 
     def score(self, completion: str, gold_program: str, exe_ans, table) -> RewardResult:
         """Score one completion against the gold program, exe_ans (float or "yes"/"no", or their text) and
@@ -346,8 +363,9 @@ class _BatchScorer:
         columns = (kwargs["target_program"], kwargs["exe_ans"], kwargs["table"])
         key = repr((texts, columns))
         if key != self._key:
-            self._results = [self.calculator.score(text, gold, exe_ans, table)
-                             for text, gold, exe_ans, table in zip(texts, *columns, strict=True)]
+            self._results = self.calculator.for_training([self.calculator.score(text, gold, exe_ans, table)
+                                                          for text, gold, exe_ans, table in zip(texts, *columns,
+                                                                                                strict=True)])
             self._key = key
         return self._results
 

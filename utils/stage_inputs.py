@@ -43,13 +43,15 @@ def reward_spec_path(args, config: dict) -> Path | None:
     return None
 
 
-def reward_calculator(spec: Path | None, replaced: dict | None = None) -> RewardCalculator:
+def reward_calculator(spec: Path | None, replaced: dict | None = None,
+                      shuffle_seed: int | None = None) -> RewardCalculator:
     """The reward of `spec` (None: DESIGN.md's weights), with the weights in `replaced` (an RL method's
-    algorithm.reward_weights, e.g. {partial_program: 0.6}) put in place of the spec's."""
+    algorithm.reward_weights, e.g. {partial_program: 0.6}) put in place of the spec's; shuffle_seed: the
+    random-reward control (RewardCalculator.for_training)."""
     weights = RewardWeights.from_spec(spec) if spec else RewardWeights()
     if replaced:
         weights = weights.replaced(replaced)
-    return RewardCalculator(weights)
+    return RewardCalculator(weights, shuffle_seed)
 
 
 def sft_checkpoint(args, config: dict) -> Path:
@@ -103,6 +105,9 @@ class PolicyInputs:
     adapters: list           # the adapter stack a saved checkpoint names
 
 
+REWARD_SHUFFLE_SEED = 7_777  # added to --seed: the control's permutations do not share the sampler's stream
+
+
 def policy_inputs(args, config: dict, run, device, method: str) -> PolicyInputs:
     """Load what a method stage starts from; `run` (its stage_run) records the inputs and the precision."""
     val_path = processed_split(config, "val")
@@ -116,8 +121,11 @@ def policy_inputs(args, config: dict, run, device, method: str) -> PolicyInputs:
     compute = precision(config, device)
     run.extra["precision"] = compute.record()
     base, adapters = merged_policy_base(config, checkpoint, device, compute.training_weights_dtype)
-    calculator = reward_calculator(spec, config["algorithm"].get("reward_weights"))
+    shuffled = config["algorithm"]["reward_control"] == "shuffled"
+    calculator = reward_calculator(spec, config["algorithm"].get("reward_weights"),
+                                   shuffle_seed=args.seed + REWARD_SHUFFLE_SEED if shuffled else None)
     run.extra["reward_weights"] = calculator.weights.to_spec()
+    run.extra["reward_control"] = config["algorithm"]["reward_control"]
     return PolicyInputs(val_rows, checkpoint, spec, calculator, load_tokenizer(config["model"]["path"]),
                         compute, base, adapters)
 

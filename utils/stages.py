@@ -99,6 +99,16 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     # PPO's step on a strong SFT: lr 1e-4 with 2 PPO epochs broke the 3-epoch SFT's format at seed 42
     Stage("ppo_lr3e5", "05_ppo_lr3e5", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL,
           variant_of="ppo", overrides=("algorithm.learning_rate=3.0e-5",)),
+    # controls: each RL method at its own budget on a reward that carries no information about the answer.
+    # _random: every step's rewards randomly permuted over its completions (utils.reward.RewardCalculator
+    # .for_training: the same values, no link to the completion); _format: the format term alone (0 for a
+    # parsable answer, format_violation otherwise), what the method gains from learning the output's shape
+    *(Stage(f"{method}_{control}", f"{folder}_{control}", script, f"configs/algorithms/{method}.yaml",
+            f"ckpt_{method}/final", **_RL, variant_of=method, overrides=(override,))
+      for method, folder, script in (("ppo", "05_ppo", "05_train_ppo.py"), ("grpo", "06_grpo", "06_train_grpo.py"),
+                                    ("rloo", "07_rloo", "07_train_rloo.py"))
+      for control, override in (("random", "algorithm.reward_control=shuffled"),
+                                ("format", "algorithm.reward_weights={exact: 0.0, numeric: 0.0, partial_program: 0.0}"))),
 )}
 
 STAGE_FOLDERS = {key: stage.folder for key, stage in STAGES.items()}

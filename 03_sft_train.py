@@ -4,20 +4,18 @@ Trains on train.jsonl in the model's chat template; every algorithm.eval_every_s
 val.jsonl, scores it with the reward calculator (valid_samples/step_N.json) and keeps ckpt_sft/best by val
 reward; ckpt_sft/final is the last step. --resume continues an interrupted run from its last checkpoint.
 """
-from pathlib import Path
-
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 from trl import SFTConfig, SFTTrainer
 
 from utils import processes
-from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
+from utils.cli import ConfigFlag, check_resume, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import hf_dataset, load_processed
 from utils.generation import settings_from_config
 from utils.compute import precision
 from utils.models import MergedCopy, configure_torch, count_parameters, load_model, load_tokenizer, lora_config
-from utils.runs import is_completed, stage_run
+from utils.runs import stage_run
 from utils.stage_inputs import processed_split, reward_calculator, reward_spec_path
-from utils.training import SCHEDULE_KEYS, trainer_arguments
+from utils.training import SCHEDULE_KEYS, last_checkpoint, trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints
 from utils.stages import STAGES
 
@@ -31,11 +29,6 @@ FLAGS = (
 )
 
 
-def last_checkpoint(folder: Path) -> Path | None:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return checkpoints[-1] if checkpoints else None
-
-
 def main() -> int:
     parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     parser.add_argument("--skip_validation", action="store_true", help="no generation during training "
@@ -46,10 +39,7 @@ def main() -> int:
     config = resolve_config(args)
     algo, training = config["algorithm"], config["training"]
     out_dir = stage_dir(args, config, STAGE.key)
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other")
-    if args.resume and is_completed(out_dir):
-        raise UsageError(f"{out_dir} is already completed; nothing to resume")
+    check_resume(args, out_dir)
     log = setup_logging()
     device = configure_torch(config)
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from utils import processes
 from utils.config import ConfigError, load_config
-from utils.runs import STAGE_FOLDERS, StageError, os_error_text, plain_name, run_root
+from utils.runs import STAGE_FOLDERS, StageError, is_completed, os_error_text, plain_name, run_root
 from utils.stages import Stage
 
 DEFAULT_MODEL_CONFIG = "configs/models/smollm2-135m.yaml"
@@ -77,6 +77,14 @@ def stage_dir(args: argparse.Namespace, config: dict, stage: str) -> Path:
 def upstream_dir(args: argparse.Namespace, config: dict, stage: str) -> Path:
     """The folder of an earlier stage in the same run (where inputs come from by default)."""
     return run_root(args.run_id, config["paths"]["outputs_dir"]) / STAGE_FOLDERS[stage]
+
+
+def check_resume(args: argparse.Namespace, out_dir: Path) -> None:
+    """--resume (a training stage continuing from its last trainer checkpoint) makes sense on an unfinished folder."""
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other")
+    if args.resume and is_completed(out_dir):
+        raise UsageError(f"{out_dir} is already completed; nothing to resume")
 
 
 def setup_logging() -> logging.Logger:

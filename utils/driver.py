@@ -35,7 +35,8 @@ Skip rules, evaluated in plan order. A stage is up to date when all of these hol
      added to the YAMLs since the stage ran, at a null or {} default (what it did before), is no change;
   3. every recorded input still hashes to its recorded sha256 (utils.runs.sha256_path) and every recorded
      output still exists.
-Otherwise it re-runs: with --overwrite when its folder is not empty, or, for 03, with --resume when its manifest
+Otherwise it re-runs: with --overwrite when its folder is not empty, or, for a stage that resumes (utils/stages.py
+resume: 03, 06, 07 and their variants), with --resume when its manifest
 is unfinished (interrupted, even by kill -9) but its configuration, seed and inputs are unchanged and it has a
 trainer checkpoint. What depends on a re-run stage is marked to re-run in the plan (and in --dry_run), since its
 inputs are about to change. Dependencies follow the data: 03 reads 01 and 02, 04 and the methods read 03, 08

@@ -48,16 +48,16 @@ import numpy as np
 from transformers import TrainerCallback
 
 from utils import processes
-from utils.cli import ConfigFlag, setup_logging, stage_dir, stage_parser
+from utils.cli import ConfigFlag, check_resume, setup_logging, stage_dir, stage_parser
 from utils.config import ConfigError
 from utils.finqa_data import hf_dataset
 from utils.generation import GenerationSettings, generate, settings_from_config
 from utils.models import MergedCopy, configure_torch, count_parameters, lora_config, prefix_cache, rows_cache
 from utils.reward import COMPONENTS, make_reward_functions
-from utils.runs import stage_run, write_json_atomic
+from utils.runs import StageError, read_json, stage_run, write_json_atomic
 from utils.stages import STAGES
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, add_policy_flags, policy_inputs, rl_train_rows
-from utils.training import trainer_arguments
+from utils.training import last_checkpoint, trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 
 log = logging.getLogger("finqa_rl")
@@ -78,7 +78,7 @@ LOG_KEYS = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "frac_
 # algorithm keys handed to trl's GRPOConfig and RLOOConfig (utils.training.algorithm_arguments)
 TRL_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "beta", "epsilon",
             "num_iterations", "mask_truncated_completions", "disable_dropout", "logging_steps", "use_vllm",
-            "vllm_mode", "vllm_gpu_memory_utilization")
+            "vllm_mode", "vllm_gpu_memory_utilization", "save_every_steps", "save_total_limit")
 CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # GRPO loss types that log clip_ratio/*
 
 
@@ -339,7 +339,7 @@ def trl_arguments(method: RLMethod, config: dict, out_dir: Path, seed: int, devi
         temperature=budget["temperature"],
         top_p=budget["top_p"],
         top_k=0,
-        save_strategy="no",
+        save_strategy="steps",  # trainer checkpoints every save_every_steps, for --resume
     )
 
 
@@ -450,6 +450,34 @@ def expected_log_keys(algo: dict) -> list[str]:
     return keys
 
 
+class ResumeState(TrainerCallback):
+    """What a resumed run needs beyond trl's checkpoint (adapter, optimizer, scheduler, RNG, trainer state): each
+    step's recorded rewards (RewardRecorder) and times (StepTimer), written beside every trainer checkpoint, one
+    file per process, and read back by restore()."""
+
+    def __init__(self, recorder: RewardRecorder, timer: StepTimer):
+        self.recorder, self.timer = recorder, timer
+
+    @staticmethod
+    def path(checkpoint: Path) -> Path:
+        return Path(checkpoint) / f"finqa_rl_state_{processes.rank()}.json"
+
+    def on_save(self, args, state, control, **kwargs):
+        write_json_atomic(self.path(Path(args.output_dir) / f"checkpoint-{state.global_step}"),
+                          {"step": state.global_step, "reward_batches": self.recorder.batches,
+                           "step_times": self.timer.steps})
+
+    def restore(self, checkpoint: Path) -> int:
+        """Load the state saved with `checkpoint`; returns its step."""
+        path = self.path(checkpoint)
+        data = read_json(path, "resume state")
+        if not (isinstance(data, dict) and isinstance(data.get("step"), int) and
+                isinstance(data.get("reward_batches"), list) and isinstance(data.get("step_times"), list)):
+            raise StageError(f"{path}: not this project's resume state; re-run without --resume")
+        self.recorder.batches, self.timer.steps = data["reward_batches"], data["step_times"]
+        return data["step"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 
@@ -478,6 +506,8 @@ def stage_parser_for(method: RLMethod, description: str):
     """The command line of 06 / 07: every stage's flags, the policy's, the rollout budget's and the method's."""
     parser = stage_parser(description, STAGES[method.name], config_flags=COMMON_FLAGS + tuple(method.flags))
     add_policy_flags(parser)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last trainer "
+                                                              "checkpoint (every algorithm.save_every_steps)")
     return parser
 
 
@@ -487,25 +517,35 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
     algo = config["algorithm"]
     budget = rollout_budget(config)
     out_dir = stage_dir(args, config, stage.key)
+    check_resume(args, out_dir)
     setup_logging()
     device = configure_torch(config)
     require_vllm_if_asked(algo, device)
 
-    with stage_run(stage.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
+    with stage_run(stage.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
+                   keep_partial=args.resume) as run:
         started = time.time()
         train_rows = rl_train_rows(args, config, run)
         policy = policy_inputs(args, config, run, device, method.name.upper())
         tokenizer = policy.tokenizer
         checkpoints = PolicyCheckpoints(out_dir, method.name, tokenizer, policy.adapters)
+        arguments = trl_arguments(method, config, out_dir, args.seed, device)
+        resume_from = last_checkpoint(Path(arguments["output_dir"])) if args.resume else None
         validation = checkpoints.validation(policy.val_rows, policy.calculator,
                                             settings_from_config(config, sampled=False), algo["eval_every_steps"],
-                                            args.seed)
+                                            args.seed, best_reward=checkpoints.best_reward_saved() if resume_from
+                                            else None)
         recorder = RewardRecorder(make_reward_functions(policy.calculator), budget["num_generations"])
         timer = StepTimer()
+        resume_state = ResumeState(recorder, timer)
+        if resume_from:
+            validation.restore(resume_state.restore(resume_from))
+        if args.resume:
+            log.info("resuming from %s", resume_from or "the start (no trainer checkpoint yet)")
         trainer = make_trainer(method, policy.base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS),
-                               [timer.timed(function, "reward") for function in recorder.functions],
-                               trl_arguments(method, config, out_dir, args.seed, device),
-                               [timer, JsonLogCallback(checkpoints.log_path), validation], lora_config(config))
+                               [timer.timed(function, "reward") for function in recorder.functions], arguments,
+                               [timer, JsonLogCallback(checkpoints.log_path), validation, resume_state],
+                               lora_config(config))
         policy_copy = MergedCopy(trainer.accelerator.unwrap_model(trainer.model))
         validation.generation_model = policy_copy.model
         if not algo["use_vllm"]:
@@ -513,8 +553,9 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
         score_shared_prompts(trainer)
         trainer._generate = timer.timed(trainer._generate, "generation")
 
-        validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
-        result = trainer.train()
+        if not resume_from:
+            validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         recorder.gather()  # several processes: each scored its share of every step's completions
         if not processes.is_main():
             return 0

@@ -59,6 +59,11 @@ class Stage:
 _DATA = ("prepare", "rewards")
 _RL = dict(reads=(*_DATA, "sft"), method=True, rl=True, trains=True, multi_process=True)
 
+
+def _resumes(method: str) -> dict:
+    """A trl stage that continues from its last trainer checkpoint (utils.rl_trl: save_every_steps, --resume)."""
+    return dict(resume=(f"ckpt_{method}/checkpoints/checkpoint-*", "--resume"))
+
 STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     Stage("check_data", "00_data_validation", "00_check_data.py"),
     Stage("prepare", "01_preprocessing", "01_prepare_dataset.py"),
@@ -68,8 +73,8 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     Stage("candidates", "04_candidates", "04_generate_candidates.py", reads=(*_DATA, "sft"), trains=True,
           multi_process=True),
     Stage("ppo", "05_ppo", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL),
-    Stage("grpo", "06_grpo", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL),
-    Stage("rloo", "07_rloo", "07_train_rloo.py", "configs/algorithms/rloo.yaml", "ckpt_rloo/final", **_RL),
+    Stage("grpo", "06_grpo", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL, **_resumes("grpo")),
+    Stage("rloo", "07_rloo", "07_train_rloo.py", "configs/algorithms/rloo.yaml", "ckpt_rloo/final", **_RL, **_resumes("rloo")),
     # 08 reads its pairing rules from dpo.yaml (algorithm.preferences)
     Stage("preferences", "08_preferences", "08_build_prefs.py", "configs/algorithms/dpo.yaml",
           reads=(*_DATA, "candidates"), trains=True),
@@ -78,24 +83,24 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     Stage("evaluation", "10_evaluation", "10_evaluate.py", multi_process=True),
     Stage("comparison", "11_comparison", "11_compare_runs.py"),
     # variants: a method's script and YAML with a few overrides, a label and a folder of their own
-    Stage("grpo_dr", "06_grpo_dr", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL,
+    Stage("grpo_dr", "06_grpo_dr", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL, **_resumes("grpo"),
           variant_of="grpo", overrides=("algorithm.loss_type=dr_grpo", "algorithm.scale_rewards=none")),
     Stage("grpo_mixed", "06_grpo_mixed", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
-          **_RL, variant_of="grpo", overrides=("algorithm.train_prompts=mixed",)),
+          **_RL, **_resumes("grpo"), variant_of="grpo", overrides=("algorithm.train_prompts=mixed",)),
     # the study's ablations (configs/presets/cpu.yaml gives every one the same budget per step)
     Stage("grpo_g16", "06_grpo_g16", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
-          **_RL, variant_of="grpo", overrides=("algorithm.prompts_per_step=1", "algorithm.num_generations=16")),
+          **_RL, **_resumes("grpo"), variant_of="grpo", overrides=("algorithm.prompts_per_step=1", "algorithm.num_generations=16")),
     Stage("grpo_lr3e4", "06_grpo_lr3e4", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
-          **_RL, variant_of="grpo", overrides=("algorithm.learning_rate=3.0e-4",)),
+          **_RL, **_resumes("grpo"), variant_of="grpo", overrides=("algorithm.learning_rate=3.0e-4",)),
     Stage("grpo_t12", "06_grpo_t12", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
-          **_RL, variant_of="grpo", overrides=("algorithm.temperature=1.2",)),
+          **_RL, **_resumes("grpo"), variant_of="grpo", overrides=("algorithm.temperature=1.2",)),
     Stage("grpo_partial06", "06_grpo_partial06", "06_train_grpo.py", "configs/algorithms/grpo.yaml",
-          "ckpt_grpo/final", **_RL, variant_of="grpo", overrides=("algorithm.reward_weights={partial_program: 0.6}",)),
+          "ckpt_grpo/final", **_RL, **_resumes("grpo"), variant_of="grpo", overrides=("algorithm.reward_weights={partial_program: 0.6}",)),
     # an earlier, less peaked SFT policy: a 1-epoch SFT on finqa_core (73 steps, a checkpoint every 25, the last 2
     # kept: the ablation run's) keeps checkpoint-50; the cpu preset's 3 epochs keep 200 and 219, so there set
     # sft.algorithm.save_total_limit higher, or algorithm.sft_checkpoint to a checkpoint that 03 kept
     Stage("grpo_sft50", "06_grpo_sft50", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final",
-          **_RL, variant_of="grpo", overrides=("algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-50",)),
+          **_RL, **_resumes("grpo"), variant_of="grpo", overrides=("algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-50",)),
     # PPO's step on a strong SFT: lr 1e-4 with 2 PPO epochs broke the 3-epoch SFT's format at seed 42
     Stage("ppo_lr3e5", "05_ppo_lr3e5", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL,
           variant_of="ppo", overrides=("algorithm.learning_rate=3.0e-5",)),
@@ -104,7 +109,8 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     # .for_training: the same values, no link to the completion); _format: the format term alone (0 for a
     # parsable answer, format_violation otherwise), what the method gains from learning the output's shape
     *(Stage(f"{method}_{control}", f"{folder}_{control}", script, f"configs/algorithms/{method}.yaml",
-            f"ckpt_{method}/final", **_RL, variant_of=method, overrides=(override,))
+            f"ckpt_{method}/final", **_RL, **(_resumes(method) if method != "ppo" else {}), variant_of=method,
+            overrides=(override,))
       for method, folder, script in (("ppo", "05_ppo", "05_train_ppo.py"), ("grpo", "06_grpo", "06_train_grpo.py"),
                                     ("rloo", "07_rloo", "07_train_rloo.py"))
       for control, override in (("random", "algorithm.reward_control=shuffled"),

@@ -35,6 +35,12 @@ SCHEDULE_KEYS = ("epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "we
                  "logging_steps")
 
 
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest trainer checkpoint (checkpoint-<step>) in folder, or None."""
+    checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return checkpoints[-1] if checkpoints else None
+
+
 def algorithm_arguments(config_class, algo: dict, keys) -> dict:
     """trl arguments for config_class from the algorithm keys `keys` of the resolved config."""
     fields = {field.name for field in dataclasses.fields(config_class)}

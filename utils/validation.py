@@ -67,6 +67,22 @@ class ValidationCallback(TrainerCallback):
         self._last_step = -1
         self.generation_model: Callable | None = None
 
+    def restore(self, upto_step: int) -> None:
+        """A resumed run's history: the validations an interrupted run wrote up to the trainer checkpoint it
+        resumes from (later ones are redone)."""
+        summaries = []
+        for path in self.folder.glob("step_*.json"):
+            record = read_json(path, "validation")
+            summary = record.get("summary") if isinstance(record, dict) else None
+            if not isinstance(summary, dict) or not isinstance(summary.get("step"), int):
+                raise StageError(f"{path}: not a validation record (a summary with its step); remove the "
+                                 f"interrupted run's folder or re-run without --resume")
+            if summary["step"] <= upto_step:
+                summaries.append(summary)
+        self.history = sorted(summaries, key=lambda summary: summary["step"])
+        if self.history and self.history[-1]["step"] == upto_step:
+            self._last_step = upto_step
+
     def run(self, model, step: int) -> dict | None:
         """Validate on the main process (the others wait for it; they return None)."""
         summary = self._run(model, step) if processes.is_main() else None
@@ -185,6 +201,11 @@ class JsonLogCallback(TrainerCallback):
         self.records: list[dict] = read_json(self.path, "training log") if self.path.is_file() else []
         if not isinstance(self.records, list):
             raise StageError(f"{self.path}: not a training log (a JSON list of records)")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # resuming from a trainer checkpoint at state.global_step: the steps after it are redone and logged again
+        self.records = [record for record in self.records if not (isinstance(record, dict) and isinstance(
+            record.get("step"), int) and record["step"] > state.global_step)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and processes.is_main():

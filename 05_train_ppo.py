@@ -6,22 +6,25 @@ scores them with the reward calculator, and runs algorithm.ppo_epochs of clipped
 Writes ckpt_ppo/{final,best}/ (LoRA adapter on the SFT stack, value_head.pt; best by val reward, the SFT start
 included), logs/training_log.json (statistics per step) and val_generations/step_N.json (greedy validation
 every algorithm.eval_every_steps, step 0 = the SFT model). Runs under `accelerate launch` as well (DDP; DeepSpeed
-is refused: utils.ppo.refuse_deepspeed).
+is refused: utils.ppo.refuse_deepspeed). Every algorithm.save_every_steps it writes a resumable checkpoint
+(ckpt_ppo/checkpoints/checkpoint-<step>: PPOTrainer.save_state); --resume continues an interrupted run from it.
 """
 import utils  # noqa: F401  (first: sets the threading environment before torch loads)
 
 import logging
+import shutil
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
+from utils.cli import ConfigFlag, check_resume, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.generation import settings_from_config
 from utils.models import configure_torch, count_parameters, lora_config
 from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, refuse_deepspeed, save_value_head
-from utils.runs import stage_run, write_json_atomic
+from utils.runs import read_json, stage_run, write_json_atomic
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, add_policy_flags, policy_inputs, rl_train_rows
+from utils.training import last_checkpoint
 from utils.validation import PolicyCheckpoints
 from utils.stages import STAGES
 
@@ -43,6 +46,8 @@ def main() -> int:
 
     parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     add_policy_flags(parser)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint "
+                                                              "(every algorithm.save_every_steps)")
     args = parser.parse_args()
     refuse_deepspeed()  # before the config, model or accelerator (which would need the deepspeed package)
     config = resolve_config(args)
@@ -54,10 +59,11 @@ def main() -> int:
     if not is_main:
         log.setLevel(logging.WARNING)  # one process reports progress
     out_dir = stage_dir(args, config, STAGE.key)
+    check_resume(args, out_dir)
 
     # under several processes only the main one writes (utils.processes)
     with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
-                   keep_partial=False) as run:
+                   keep_partial=args.resume) as run:
         train_rows = rl_train_rows(args, config, run)
         torch.manual_seed(args.seed)
         inputs = policy_inputs(args, config, run, accelerator.device, "PPO")
@@ -73,14 +79,27 @@ def main() -> int:
         # the same checkpoints and validation as the trl stages, the value head saved beside each adapter
         checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, inputs.adapters,
                                         save_extra=lambda model, dest: save_value_head(trainer.unwrapped, dest))
-        validator = checkpoints.validation(inputs.val_rows, calculator, greedy, settings.eval_every_steps, args.seed)
+        trainer_dir = checkpoints.ckpt_dir / "checkpoints"
+        resume_from = last_checkpoint(trainer_dir) if args.resume else None
+        validator = checkpoints.validation(inputs.val_rows, calculator, greedy, settings.eval_every_steps, args.seed,
+                                           best_reward=checkpoints.best_reward_saved() if resume_from else None)
         validator.generation_model = trainer.generation_model
         log_path = checkpoints.log_path
 
         started = time.time()
-        validator.run(trainer.policy, 0)  # the SFT starting point (the new adapter is still zero)
         records: list[dict] = []
-        bar = tqdm(range(1, settings.steps + 1), desc="PPO", unit="step", disable=not is_main)
+        if resume_from:  # continue where the interrupted run's last checkpoint stands
+            done = trainer.load_state(resume_from)
+            for _ in range(done):
+                next_batch()  # the prompt stream as it stood
+            records = [r for r in read_json(log_path, "training log")
+                       if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= done]
+            validator.restore(done)
+            log.info("resuming from %s (step %d)", resume_from, done)
+        else:
+            done = 0
+            validator.run(trainer.policy, 0)  # the SFT starting point (the new adapter is still zero)
+        bar = tqdm(range(done + 1, settings.steps + 1), desc="PPO", unit="step", disable=not is_main)
         for step in bar:
             stats = {"step": step, **trainer.step(next_batch())}
             records.append(stats)
@@ -92,6 +111,11 @@ def main() -> int:
                      stats["time_step_s"])
             if step == settings.steps or (settings.eval_every_steps > 0 and step % settings.eval_every_steps == 0):
                 validator.run(trainer.policy, step)
+            if step < settings.steps and step % settings.save_every_steps == 0:  # after validating: its state too
+                trainer.save_state(trainer_dir / f"checkpoint-{step}")
+                for older in trainer_dir.glob("checkpoint-*"):  # the newest is all a resume needs
+                    if older.name != f"checkpoint-{step}" and is_main:
+                        shutil.rmtree(older)
 
         if is_main:
             figures = checkpoints.finish(run, trainer.policy, validator)

@@ -259,6 +259,9 @@ class StartsWithLowercase:
         ok = completion[:1].isascii() and completion[:1].islower()
         return SimpleNamespace(total=1.0 if ok else 0.0, format_ok=ok)
 
+    def for_training(self, results: list) -> list:  # (no control: the rewards as scored)
+        return results
+
 
 def test_ppo_raises_an_easy_reward(tiny_model_dir, one_thread):
     from peft import LoraConfig, get_peft_model

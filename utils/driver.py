@@ -36,7 +36,7 @@ Skip rules, evaluated in plan order. A stage is up to date when all of these hol
   3. every recorded input still hashes to its recorded sha256 (utils.runs.sha256_path) and every recorded
      output still exists.
 Otherwise it re-runs: with --overwrite when its folder is not empty, or, for a stage that resumes (utils/stages.py
-resume: 03, 06, 07 and their variants), with --resume when its manifest
+resume: 03, 05, 06, 07 and their variants), with --resume when its manifest
 is unfinished (interrupted, even by kill -9) but its configuration, seed and inputs are unchanged and it has a
 trainer checkpoint. What depends on a re-run stage is marked to re-run in the plan (and in --dry_run), since its
 inputs are about to change. Dependencies follow the data: 03 reads 01 and 02, 04 and the methods read 03, 08

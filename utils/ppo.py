@@ -54,9 +54,11 @@ from utils.config import ConfigError
 from utils.generation import GenerationSettings, GenerationStats, generate, shared_prefix_length
 from utils.models import MergedCopy, last_positions, prefix_cache, rows_cache
 from utils.prompts import render_prompt
+from utils.runs import StageError
 
 REWARD_COMPONENTS = ("format_ok", "program_valid", "exec_match", "numeric_match", "partial_program")
 VALUE_HEAD_FILE = "value_head.pt"
+PPO_STATE_FILE = "ppo_state.pt"  # a resumable checkpoint (PPOTrainer.save_state), beside rng_state_<rank>.pt
 
 
 # --- settings ------------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class PPOSettings:
     max_train_examples: int | None
     train_prompts: str
     candidate_scores: str | None
+    save_every_steps: int          # resumable checkpoints (PPOTrainer.save_state)
     sft_checkpoint: str | None     # the policy it starts from and its reward: read by utils.stage_inputs
     reward_weights: dict
     reward_control: str
@@ -381,8 +384,9 @@ class Rollout:
 
 class PPOTrainer:
     """PPO on a peft policy. calculator: anything with score_example(completion_text, row) -> result with
-    .total (and optionally the REWARD_COMPONENTS fields); rows are processed rows (their "prompt" is rendered
-    with the tokenizer's chat template) or any dicts the calculator understands, with a "prompt"."""
+    .total (and optionally the REWARD_COMPONENTS fields) and for_training(results) -> the results a step learns
+    from (utils.reward.RewardCalculator); rows are processed rows (their "prompt" is rendered with the tokenizer's
+    chat template) or any dicts the calculator understands, with a "prompt"."""
 
     def __init__(self, policy, tokenizer, calculator, settings: PPOSettings, generation: GenerationSettings,
                  accelerator=None, seed: int = 0, compute_dtype: torch.dtype = torch.float32):
@@ -403,6 +407,45 @@ class PPOTrainer:
         self.rng = random.Random(seed + 7919 * self.accelerator.process_index)
         self.n_steps = 0
         self.policy_copy = MergedCopy(policy)  # rollouts decode from it (merged adapter, no per-step casts)
+
+    # resuming ---------------------------------------------------------------------------------------------
+
+    def save_state(self, folder: Path) -> None:
+        """Everything the next step depends on: the trainable parameters (the new adapter, the value head), the
+        optimizer, the KL coefficient, the step count (it seeds the rollouts) and this process's random streams
+        (minibatch order, dropout), so a resumed run continues as this one would have."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            torch.save({"step": self.n_steps, "params": [p.detach().cpu() for p in self.params],
+                        "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_controller.value},
+                       folder / PPO_STATE_FILE)
+        torch.save({"python": self.rng.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   folder / f"rng_state_{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+
+    def load_state(self, folder: Path) -> int:
+        """Continue from save_state's folder; returns the step it was saved after."""
+        folder = Path(folder)
+        try:  # (the project's own files: pickled Python state besides tensors)
+            state = torch.load(folder / PPO_STATE_FILE, weights_only=False)
+            streams = torch.load(folder / f"rng_state_{self.accelerator.process_index}.pt", weights_only=False)
+            with torch.no_grad():
+                if len(state["params"]) != len(self.params):
+                    raise ValueError(f"{len(state['params'])} saved parameters for {len(self.params)}")
+                for param, saved in zip(self.params, state["params"]):
+                    param.copy_(saved)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.rng.setstate(streams["python"])
+            torch.set_rng_state(streams["torch"])
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError) as err:
+            raise StageError(f"{folder}: not a PPO checkpoint this stage can resume from ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else ''}); re-run without --resume") from None
+        if streams.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(streams["cuda"])
+        self.kl_controller.value, self.n_steps = state["kl_coef"], state["step"]
+        return self.n_steps
 
     def generation_model(self, step: int | None = None):
         """The merged copy of the policy as it is after `step` updates (default: now), for generation."""

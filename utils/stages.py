@@ -61,7 +61,7 @@ _RL = dict(reads=(*_DATA, "sft"), method=True, rl=True, trains=True, multi_proce
 
 
 def _resumes(method: str) -> dict:
-    """A trl stage that continues from its last trainer checkpoint (utils.rl_trl: save_every_steps, --resume)."""
+    """An RL stage that continues from its last checkpoint (algorithm.save_every_steps, --resume)."""
     return dict(resume=(f"ckpt_{method}/checkpoints/checkpoint-*", "--resume"))
 
 STAGES: dict[str, Stage] = {stage.key: stage for stage in (
@@ -72,7 +72,8 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
           resume=("ckpt_sft/checkpoints/checkpoint-*", "--resume"), trains=True, multi_process=True),
     Stage("candidates", "04_candidates", "04_generate_candidates.py", reads=(*_DATA, "sft"), trains=True,
           multi_process=True),
-    Stage("ppo", "05_ppo", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL),
+    Stage("ppo", "05_ppo", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL,
+          **_resumes("ppo")),
     Stage("grpo", "06_grpo", "06_train_grpo.py", "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL, **_resumes("grpo")),
     Stage("rloo", "07_rloo", "07_train_rloo.py", "configs/algorithms/rloo.yaml", "ckpt_rloo/final", **_RL, **_resumes("rloo")),
     # 08 reads its pairing rules from dpo.yaml (algorithm.preferences)
@@ -103,14 +104,13 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
           **_RL, **_resumes("grpo"), variant_of="grpo", overrides=("algorithm.sft_checkpoint=ckpt_sft/checkpoints/checkpoint-50",)),
     # PPO's step on a strong SFT: lr 1e-4 with 2 PPO epochs broke the 3-epoch SFT's format at seed 42
     Stage("ppo_lr3e5", "05_ppo_lr3e5", "05_train_ppo.py", "configs/algorithms/ppo.yaml", "ckpt_ppo/final", **_RL,
-          variant_of="ppo", overrides=("algorithm.learning_rate=3.0e-5",)),
+          **_resumes("ppo"), variant_of="ppo", overrides=("algorithm.learning_rate=3.0e-5",)),
     # controls: each RL method at its own budget on a reward that carries no information about the answer.
     # _random: every step's rewards randomly permuted over its completions (utils.reward.RewardCalculator
     # .for_training: the same values, no link to the completion); _format: the format term alone (0 for a
     # parsable answer, format_violation otherwise), what the method gains from learning the output's shape
     *(Stage(f"{method}_{control}", f"{folder}_{control}", script, f"configs/algorithms/{method}.yaml",
-            f"ckpt_{method}/final", **_RL, **(_resumes(method) if method != "ppo" else {}), variant_of=method,
-            overrides=(override,))
+            f"ckpt_{method}/final", **_RL, **_resumes(method), variant_of=method, overrides=(override,))
       for method, folder, script in (("ppo", "05_ppo", "05_train_ppo.py"), ("grpo", "06_grpo", "06_train_grpo.py"),
                                     ("rloo", "07_rloo", "07_train_rloo.py"))
       for control, override in (("random", "algorithm.reward_control=shuffled"),

@@ -10,6 +10,7 @@ beta * (log pi/ref(chosen) - log pi/ref(rejected)), is 0 before by construction)
 (LoRA adapter on the SFT stack; best by val reward, the SFT start included), logs/training_log.json (loss,
 rewards/*, logps/*, and eval_* on the held-out pairs), val_generations/step_N.json (greedy validation every
 algorithm.eval_every_steps, step 0 = the SFT model) and preference_eval.json (per held-out pair log-probs).
+--resume continues an interrupted run from its last trainer checkpoint (every algorithm.save_every_steps).
 """
 import time
 from pathlib import Path
@@ -18,15 +19,15 @@ import utils  # noqa: F401  (first: sets the threading environment before torch 
 from trl import DPOConfig, DPOTrainer
 
 from utils import processes
-from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, \
-    upstream_dir
+from utils.cli import ConfigFlag, UsageError, check_resume, main_guard, resolve_config, setup_logging, stage_dir, \
+    stage_parser, upstream_dir
 from utils.finqa_data import hf_dataset, read_jsonl
 from utils.generation import settings_from_config
 from utils.models import MergedCopy, configure_torch, count_parameters, lora_config
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import add_policy_flags, policy_inputs
-from utils.training import SCHEDULE_KEYS, trainer_arguments
+from utils.training import SCHEDULE_KEYS, last_checkpoint, trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 from utils.stages import STAGES
 
@@ -59,6 +60,8 @@ def main() -> int:
     parser = stage_parser(__doc__, STAGE, config_flags=FLAGS)
     add_policy_flags(parser)
     parser.add_argument("--prefs_dir", default=None, help="a completed 08_preferences folder (default: this run's)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last trainer "
+                                                              "checkpoint (every algorithm.save_every_steps)")
     args = parser.parse_args()
     config = resolve_config(args)
     algo, training = config["algorithm"], config["training"]
@@ -71,10 +74,12 @@ def main() -> int:
                          f"loss types")
     max_length = algo["max_length"] or training["max_seq_length"]
     out_dir = stage_dir(args, config, STAGE.key)
+    check_resume(args, out_dir)
     log = setup_logging()
     device = configure_torch(config)
 
-    with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite, keep_partial=False) as run:
+    with stage_run(STAGE.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
+                   keep_partial=args.resume) as run:
         started = time.time()
         train_pairs, heldout_pairs, prefs_manifest = preference_pairs(args, config, run)
         if algo["max_train_pairs"]:
@@ -86,17 +91,24 @@ def main() -> int:
         policy = policy_inputs(args, config, run, device, "DPO")
         tokenizer = policy.tokenizer
         checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, policy.adapters)
+        trainer_dir = checkpoints.ckpt_dir / "checkpoints"
+        resume_from = last_checkpoint(trainer_dir) if args.resume else None
         validation = checkpoints.validation(policy.val_rows, policy.calculator,
                                             settings_from_config(config, sampled=False), algo["eval_every_steps"],
-                                            args.seed)
+                                            args.seed, best_reward=checkpoints.best_reward_saved() if resume_from
+                                            else None)
+        if resume_from:
+            validation.restore(int(resume_from.name.split("-")[-1]))
+            log.info("resuming from %s", resume_from)
         eval_pairs = bool(heldout_pairs) and algo["eval_pairs_every_steps"] > 0
         dpo_config = DPOConfig(**trainer_arguments(
             config, out_dir, args.seed, device, DPOConfig,
-            algorithm_keys=SCHEDULE_KEYS + ("learning_rate", "beta", "loss_weights"),
-            output_dir=str(checkpoints.ckpt_dir / "checkpoints"),
+            algorithm_keys=SCHEDULE_KEYS + ("learning_rate", "beta", "loss_weights", "save_every_steps",
+                                            "save_total_limit"),
+            output_dir=str(trainer_dir),
             max_length=max_length,
             loss_type=loss_types,
-            save_strategy="no",
+            save_strategy="steps",  # trainer checkpoints every save_every_steps, for --resume
             eval_strategy="steps" if eval_pairs else "no",
             eval_steps=algo["eval_pairs_every_steps"] if eval_pairs else None,
             per_device_eval_batch_size=training["batch_size"],
@@ -118,9 +130,10 @@ def main() -> int:
         before = preference_accuracy(scored_pairs, reference, reference, algo["beta"])
         log.info("held-out preference accuracy before DPO (SFT): %s on %d pairs", before["logp_accuracy"],
                  before["n_pairs"])
-        validation.run(trainer.model, 0)
+        if not resume_from:
+            validation.run(trainer.model, 0)
 
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if not processes.is_main():
             return 0
 

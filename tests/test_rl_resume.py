@@ -116,3 +116,42 @@ def rl_trl_driver(run_stage, method: str, out: list) -> int:
     return driver_main(["--method", method, "--quick_test", *run_stage.base, "--stages", number, "--dry_run",
                         "--set", f"{number}.algorithm.save_every_steps=1",
                         "--set", f"{number}.algorithm.eval_every_steps=1"], echo=out.append)
+
+
+def test_dpo_resumes_to_the_uninterrupted_result(run_stage, monkeypatch, tmp_path):
+    import trl
+
+    for script, *flags in (("01_prepare_dataset.py",), ("02_build_rewards.py",),
+                           ("03_sft_train.py", "--quick_test", "--skip_validation", "--max_steps", "1"),
+                           ("04_generate_candidates.py", "--quick_test"), ("08_build_prefs.py", "--quick_test")):
+        assert run_stage(script, *flags) == 0
+    every_step = ("--quick_test", "--max_steps", "2", "--learning_rate", "1e-3", "--set", "algorithm.eval_every_steps=1",
+                  "--set", "algorithm.save_every_steps=1")
+    whole = tmp_path / "whole"
+    passes = []
+    real_step = trl.DPOTrainer.training_step
+    monkeypatch.setattr(trl.DPOTrainer, "training_step", lambda self, *a, **k: (passes.append(1),
+                                                                                real_step(self, *a, **k))[1])
+    assert run_stage("09_train_dpo.py", *every_step, "--output_dir", str(whole)) == 0
+    whole_passes, passes[:] = len(passes), []
+
+    class Killed(trl.DPOTrainer):
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[*callbacks, KilledAt(2)], **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(trl, "DPOTrainer", Killed)
+        assert run_stage("09_train_dpo.py", *every_step) == 130
+    folder = run_stage.stage_dir("09_dpo")
+    assert (folder / "ckpt_dpo" / "checkpoints" / "checkpoint-1").is_dir()
+    passes.clear()
+    assert run_stage("09_train_dpo.py", *every_step, "--resume") == 0
+    assert len(passes) == whole_passes // 2  # step 2 only
+
+    resumed, uninterrupted = read_manifest(folder), read_manifest(whole)
+    for name in ("final", "best"):
+        a, b = adapter(whole / "ckpt_dpo" / name), adapter(folder / "ckpt_dpo" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert lora_b_norm(folder / "ckpt_dpo" / "final") > 0
+    for key in ("steps", "preference_accuracy_after", "final_loss", "best_val_reward", "best_step"):
+        assert resumed["metrics"][key] == pytest.approx(uninterrupted["metrics"][key]), key
+    assert [v["step"] for v in resumed["metrics"]["validation"]] == [0, 1, 2]

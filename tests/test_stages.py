@@ -31,10 +31,11 @@ OLD_ALGO_CONFIGS = {"sft": "configs/algorithms/sft.yaml", "ppo": "configs/algori
                     "grpo": "configs/algorithms/grpo.yaml", "rloo": "configs/algorithms/rloo.yaml",
                     "preferences": "configs/algorithms/dpo.yaml", "dpo": "configs/algorithms/dpo.yaml"}
 OLD_RESUMABLE = {"sft": ("ckpt_sft/checkpoints/checkpoint-*", "--resume"),
-                 # since issue 34: the RL stages resume too (tests/test_rl_resume.py)
+                 # since issue 34: the methods' stages resume too (tests/test_rl_resume.py)
                  "ppo": ("ckpt_ppo/checkpoints/checkpoint-*", "--resume"),
                  "grpo": ("ckpt_grpo/checkpoints/checkpoint-*", "--resume"),
-                 "rloo": ("ckpt_rloo/checkpoints/checkpoint-*", "--resume")}
+                 "rloo": ("ckpt_rloo/checkpoints/checkpoint-*", "--resume"),
+                 "dpo": ("ckpt_dpo/checkpoints/checkpoint-*", "--resume")}
 _F = OLD_STAGE_FOLDERS
 OLD_DEPENDS = {
     "check_data": (), "prepare": (), "rewards": (),

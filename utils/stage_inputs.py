@@ -121,11 +121,12 @@ def policy_inputs(args, config: dict, run, device, method: str) -> PolicyInputs:
     compute = precision(config, device)
     run.extra["precision"] = compute.record()
     base, adapters = merged_policy_base(config, checkpoint, device, compute.training_weights_dtype)
-    shuffled = config["algorithm"]["reward_control"] == "shuffled"
+    control = config["algorithm"].get("reward_control")  # the RL methods' (DPO learns from no reward)
     calculator = reward_calculator(spec, config["algorithm"].get("reward_weights"),
-                                   shuffle_seed=args.seed + REWARD_SHUFFLE_SEED if shuffled else None)
+                                   shuffle_seed=args.seed + REWARD_SHUFFLE_SEED if control == "shuffled" else None)
     run.extra["reward_weights"] = calculator.weights.to_spec()
-    run.extra["reward_control"] = config["algorithm"]["reward_control"]
+    if control is not None:
+        run.extra["reward_control"] = control
     return PolicyInputs(val_rows, checkpoint, spec, calculator, load_tokenizer(config["model"]["path"]),
                         compute, base, adapters)
 

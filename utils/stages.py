@@ -61,7 +61,7 @@ _RL = dict(reads=(*_DATA, "sft"), method=True, rl=True, trains=True, multi_proce
 
 
 def _resumes(method: str) -> dict:
-    """An RL stage that continues from its last checkpoint (algorithm.save_every_steps, --resume)."""
+    """A method's stage that continues from its last checkpoint (algorithm.save_every_steps, --resume)."""
     return dict(resume=(f"ckpt_{method}/checkpoints/checkpoint-*", "--resume"))
 
 STAGES: dict[str, Stage] = {stage.key: stage for stage in (
@@ -80,7 +80,7 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
     Stage("preferences", "08_preferences", "08_build_prefs.py", "configs/algorithms/dpo.yaml",
           reads=(*_DATA, "candidates"), trains=True),
     Stage("dpo", "09_dpo", "09_train_dpo.py", "configs/algorithms/dpo.yaml", "ckpt_dpo/final",
-          (*_DATA, "sft", "preferences"), method=True, trains=True, multi_process=True),
+          (*_DATA, "sft", "preferences"), method=True, trains=True, multi_process=True, **_resumes("dpo")),
     Stage("evaluation", "10_evaluation", "10_evaluate.py", multi_process=True),
     Stage("comparison", "11_comparison", "11_compare_runs.py"),
     # variants: a method's script and YAML with a few overrides, a label and a folder of their own

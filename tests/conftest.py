@@ -143,3 +143,21 @@ class StageRunner:
 @pytest.fixture
 def run_stage(tmp_path, tiny_model_dir, finqa_dir) -> StageRunner:
     return StageRunner(tmp_path, tiny_model_dir, finqa_dir)
+
+
+@pytest.fixture
+def prepared(run_stage) -> StageRunner:
+    """A run with 01 (processed data) and 02 (reward spec) done."""
+    assert run_stage("01_prepare_dataset.py") == 0
+    assert run_stage("02_build_rewards.py") == 0
+    return run_stage
+
+
+def one_error(capsys, *needles: str) -> str:
+    """The single `error:` line on stderr (no traceback), which names every needle."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from test_safety import one_error, snapshot
+from conftest import one_error
+from test_safety import snapshot
 from utils.models import BASE_ADAPTERS_FILE, checkpoint_problem, load_model
 
 

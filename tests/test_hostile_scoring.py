@@ -9,27 +9,10 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import run_script
+from conftest import one_error, run_script
 from utils import finqa_program
 from utils.finqa_data import load_processed, write_jsonl
 from utils.finqa_program import equivalence, execute_program, program_accuracy, to_official_tokens
-
-
-def one_error(capsys, *needles: str) -> str:
-    """The single `error:` line on stderr (no traceback), which names every needle."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def prepared(run_stage):
-    assert run_stage("01_prepare_dataset.py") == 0
-    assert run_stage("02_build_rewards.py") == 0
-    return run_stage
 
 
 def hostile_program(a: str, b: str) -> str:

@@ -12,20 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_script
-from test_safety import one_error, snapshot, user_folder
+from conftest import REPO, one_error, run_script
+from test_safety import snapshot
 from utils import files
 from utils.finqa_data import PROCESSED_SET
-from utils.runs import FolderLock, read_manifest, stage_run
+from utils.runs import read_manifest, stage_run
 
 DRIVER = "12_driver.py"
-
-
-@pytest.fixture
-def prepared(run_stage):
-    assert run_stage("01_prepare_dataset.py") == 0
-    assert run_stage("02_build_rewards.py") == 0
-    return run_stage
 
 
 def drive(runner, *args: str) -> int:

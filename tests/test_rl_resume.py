@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import run_script
 from test_grpo_rloo import lora_b_norm, reward_calls  # noqa: F401  (the fixture: a reward the tiny model can learn)
 from utils import rl_trl
 from utils.ppo import VALUE_HEAD_FILE, PPOTrainer

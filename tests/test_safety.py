@@ -6,21 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import one_error, run_script
 from utils.contexts import full_context
 from utils.finqa_data import PROCESSED_SET, load_processed, write_jsonl
 from utils.models import load_tokenizer
 from utils.runs import read_json, read_manifest, sha256_file, write_json_atomic
-
-
-def one_error(capsys, *needles: str) -> str:
-    """The single `error:` line on stderr (no traceback), which names every needle."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def user_folder(path: Path) -> dict:
@@ -33,13 +23,6 @@ def user_folder(path: Path) -> dict:
 
 def snapshot(path: Path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def prepared(run_stage):
-    assert run_stage("01_prepare_dataset.py") == 0
-    assert run_stage("02_build_rewards.py") == 0
-    return run_stage
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,20 +2,12 @@
 import json
 
 import pandas as pd
-import pytest
 
 from utils.finqa_data import load_processed, write_jsonl
 from utils.finqa_program import tokenize_program
 from utils.metrics import aggregate, official_predictions, official_scores, score_items
 from utils.reward import RewardCalculator
 from utils.runs import read_manifest
-
-
-@pytest.fixture
-def prepared(run_stage):
-    assert run_stage("01_prepare_dataset.py") == 0
-    assert run_stage("02_build_rewards.py") == 0
-    return run_stage
 
 
 def test_sft_candidates_and_evaluation(prepared):

@@ -251,6 +251,7 @@ RULES = {
     "algorithm.train_prompts": one_of("all", "mixed"),
     "algorithm.sft_checkpoint": path_inside, "algorithm.reward_weights": reward_weights,
     "algorithm.reward_control": one_of("none", "shuffled"),
+    "algorithm.dynamic_sampling": one_of(True, False), "algorithm.dynamic_sampling_max_extra_groups": COUNT,
     "algorithm.use_vllm": one_of(True, False), "algorithm.vllm_mode": one_of("colocate", "server"),
     "algorithm.vllm_gpu_memory_utilization": number(0, 1, low_open=True),
     "algorithm.rollout_batch_size": COUNT, "algorithm.mini_batch_size": COUNT,

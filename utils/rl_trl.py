@@ -40,11 +40,13 @@ import importlib.util
 import inspect
 import itertools
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from utils import processes
@@ -450,6 +452,115 @@ def expected_log_keys(algo: dict) -> list[str]:
     return keys
 
 
+# ----------------------------------------------------------------------------------------------------------
+# dynamic sampling (DAPO): trl has none
+
+def _pad_to(tensor, width: int, left: bool, value):
+    missing = width - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    pad = tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), value)
+    return torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
+
+
+def replace_rows(batch: dict, donor: dict, rows: list[int], donor_rows: list[int], pad_id: int) -> dict:
+    """batch with its `rows` taken from donor's `donor_rows`: two outputs of trl's _generate_and_score_completions
+    (tensors with the batch first; prompts padded on the left, completions and their per-token values on the
+    right, to the wider of the two)."""
+    out = dict(batch)
+    for key, value in batch.items():
+        if not torch.is_tensor(value) or value.dim() == 0:
+            continue
+        other = donor[key]
+        if value.dim() >= 2:
+            left = key.startswith("prompt")
+            fill = pad_id if key.endswith("_ids") else 0
+            width = max(value.shape[1], other.shape[1])
+            value, other = _pad_to(value, width, left, fill), _pad_to(other, width, left, fill)
+        value = value.clone()
+        value[rows] = other[donor_rows].to(value.dtype)
+        out[key] = value
+    return out
+
+
+class DynamicSampler(TrainerCallback):
+    """DAPO's dynamic sampling on trl's GRPO / RLOO (algorithm.dynamic_sampling): a group whose completions all got
+    the same reward gives no gradient, so after trl scores a step's rollouts, each such group is replaced by a group
+    of a fresh prompt (drawn at random from the train set, seeded by step) that has reward variance, generated and
+    scored by trl's own code; at most max_extra_groups groups are drawn beyond the step's, and a group still all-equal
+    when they are spent is masked out of the loss (its completion_mask zeroed), so no step trains on one. Counts per
+    step (groups drawn, kept, dropped, masked) go to the training log and the manifest. One process only."""
+
+    def __init__(self, recorder: "RewardRecorder", group_size: int, max_extra_groups: int, seed: int, pad_id: int):
+        self.recorder, self.k, self.max_extra, self.seed, self.pad_id = recorder, group_size, max_extra_groups, seed, \
+            pad_id
+        self.steps: list[dict] = []
+        self.trained: list[list[tuple[list[float], bool]]] = []  # per step, each group's rewards and if it is masked
+        self._pending: dict | None = None
+
+    def install(self, trainer) -> None:
+        """Put the sampler around trainer's scoring of each step's rollouts (it draws fresh prompts from its train
+        set). As a callback it must come before JsonLogCallback, so its counts reach the step's log record."""
+        self.trainer, self.dataset = trainer, trainer.train_dataset
+        self.score = trainer._generate_and_score_completions
+        trainer._generate_and_score_completions = self._generate_and_score
+
+    def _all_equal_groups(self) -> list[int]:
+        batch = self.recorder.batches[-1]  # the call just made (one process: its rows, grouped by prompt)
+        if not batch["grouped_by_prompt"]:
+            raise StageError("dynamic sampling: trl's batch does not hold each prompt's completions together")
+        return [index for index, group in enumerate(batch["rewards"]) if np.ptp(group) == 0]
+
+    def _generate_and_score(self, inputs):
+        output = self.score(inputs)
+        groups = list(self.recorder.batches[-1]["rewards"])
+        bad = self._all_equal_groups()
+        n_groups = len(inputs) // self.k
+        counts = {"groups_drawn": n_groups, "groups_dropped": len(bad), "groups_masked": 0}
+        step = self.trainer.state.global_step
+        rng = random.Random(self.seed + 1_000_003 * step)
+        drawn_extra = 0
+        while bad and drawn_extra < self.max_extra:
+            n = min(len(bad), self.max_extra - drawn_extra)
+            fresh = [self.dataset[rng.randrange(len(self.dataset))] for _ in range(n)]
+            donor = self.score([row for row in fresh for _ in range(self.k)])
+            drawn_extra += n
+            still_equal = set(self._all_equal_groups())
+            varied = [g for g in range(n) if g not in still_equal]
+            counts["groups_dropped"] += n - len(varied)
+            for group in varied:
+                target = bad.pop(0)
+                groups[target] = self.recorder.batches[-1]["rewards"][group]
+                output = replace_rows(output, donor, list(range(target * self.k, (target + 1) * self.k)),
+                                      list(range(group * self.k, (group + 1) * self.k)), self.pad_id)
+        if bad:  # the cap is spent: these groups stay in the batch's shape but out of the loss
+            rows = [row for group in bad for row in range(group * self.k, (group + 1) * self.k)]
+            output["completion_mask"] = output["completion_mask"].clone()
+            output["completion_mask"][rows] = 0
+            counts["groups_masked"] = len(bad)
+        if "num_items_in_batch" in output:  # the tokens the loss is normalised by
+            output["num_items_in_batch"] = output["completion_mask"].sum()
+        counts["groups_drawn"] += drawn_extra
+        counts["groups_kept"] = n_groups - len(bad)
+        self.trained.append([(rewards, index in bad) for index, rewards in enumerate(groups)])
+        self._pending = {"step": step + 1, **counts}
+        self.steps.append(self._pending)
+        return output
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self._pending is not None:
+            entry = {f"dynamic/{key}": value for key, value in self._pending.items() if key != "step"}
+            logs.update(entry)
+            if state.log_history:
+                state.log_history[-1].update(entry)
+            self._pending = None
+
+    def summary(self) -> dict:
+        totals = {key: sum(s[key] for s in self.steps) for key in
+                  ("groups_drawn", "groups_kept", "groups_dropped", "groups_masked")}
+        return {**totals, "max_extra_groups_per_step": self.max_extra, "per_step": self.steps}
+
+
 class ResumeState(TrainerCallback):
     """What a resumed run needs beyond trl's checkpoint (adapter, optimizer, scheduler, RNG, trainer state): each
     step's recorded rewards (RewardRecorder) and times (StepTimer), written beside every trainer checkpoint, one
@@ -457,6 +568,7 @@ class ResumeState(TrainerCallback):
 
     def __init__(self, recorder: RewardRecorder, timer: StepTimer):
         self.recorder, self.timer = recorder, timer
+        self.dynamic: DynamicSampler | None = None  # its per-step counts too, where it runs
 
     @staticmethod
     def path(checkpoint: Path) -> Path:
@@ -465,7 +577,8 @@ class ResumeState(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         write_json_atomic(self.path(Path(args.output_dir) / f"checkpoint-{state.global_step}"),
                           {"step": state.global_step, "reward_batches": self.recorder.batches,
-                           "step_times": self.timer.steps})
+                           "step_times": self.timer.steps,
+                           "dynamic_sampling": self.dynamic.steps if self.dynamic is not None else None})
 
     def restore(self, checkpoint: Path) -> int:
         """Load the state saved with `checkpoint`; returns its step."""
@@ -475,6 +588,8 @@ class ResumeState(TrainerCallback):
                 isinstance(data.get("reward_batches"), list) and isinstance(data.get("step_times"), list)):
             raise StageError(f"{path}: not this project's resume state; re-run without --resume")
         self.recorder.batches, self.timer.steps = data["reward_batches"], data["step_times"]
+        if self.dynamic is not None:
+            self.dynamic.steps = list(data.get("dynamic_sampling") or [])
         return data["step"]
 
 
@@ -521,6 +636,9 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
     setup_logging()
     device = configure_torch(config)
     require_vllm_if_asked(algo, device)
+    if algo["dynamic_sampling"] and processes.several():
+        raise ConfigError("algorithm.dynamic_sampling: runs on one process (each process holds only its share of "
+                          "a step's groups); run the stage without a launcher or set algorithm.dynamic_sampling=false")
 
     with stage_run(stage.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
                    keep_partial=args.resume) as run:
@@ -538,14 +656,20 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
         recorder = RewardRecorder(make_reward_functions(policy.calculator), budget["num_generations"])
         timer = StepTimer()
         resume_state = ResumeState(recorder, timer)
-        if resume_from:
-            validation.restore(resume_state.restore(resume_from))
+        if algo["dynamic_sampling"]:
+            resume_state.dynamic = DynamicSampler(recorder, budget["num_generations"],
+                                                  algo["dynamic_sampling_max_extra_groups"], args.seed,
+                                                  tokenizer.pad_token_id)
         if args.resume:
             log.info("resuming from %s", resume_from or "the start (no trainer checkpoint yet)")
         trainer = make_trainer(method, policy.base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS),
                                [timer.timed(function, "reward") for function in recorder.functions], arguments,
-                               [timer, JsonLogCallback(checkpoints.log_path), validation, resume_state],
-                               lora_config(config))
+                               [timer, *([resume_state.dynamic] if resume_state.dynamic else []),
+                                JsonLogCallback(checkpoints.log_path), validation, resume_state], lora_config(config))
+        if resume_state.dynamic:
+            resume_state.dynamic.install(trainer)
+        if resume_from:
+            validation.restore(resume_state.restore(resume_from))
         policy_copy = MergedCopy(trainer.accelerator.unwrap_model(trainer.model))
         validation.generation_model = policy_copy.model
         if not algo["use_vllm"]:
@@ -583,6 +707,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
             "final_kl": last_logged(history, "kl"), "final_entropy": last_logged(history, "entropy"),
             "final_frac_reward_zero_std": last_logged(history, "frac_reward_zero_std"),
             "groups_with_zero_reward_variance": recorder.zero_variance_groups(),
+            **({"dynamic_sampling": resume_state.dynamic.summary()} if resume_state.dynamic else {}),
             "train_prompts": algo["train_prompts"], "train_examples": len(train_rows),
             "processes": processes.world_size(),
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),

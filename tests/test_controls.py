@@ -30,6 +30,10 @@ def test_shuffled_rewards_keep_the_values_and_lose_the_link():
     again = RewardCalculator(shuffle_seed=3)
     assert [[r.total for r in again.for_training(scored(again))] for _ in range(20)] == batches  # seeded
     assert RewardCalculator().for_training(scored(RewardCalculator())) == scored(RewardCalculator())
+    # seeded by step: a resumed run redoing step 7 permutes as the interrupted one did
+    first, redone = RewardCalculator(shuffle_seed=3), RewardCalculator(shuffle_seed=3)
+    assert [r.total for r in first.for_training(scored(first), 7)] == \
+        [r.total for r in redone.for_training(scored(redone), 7)]
     # one item at a time (validation, evaluation) is never shuffled
     assert [r.total for r in scored(control)] == real
 
@@ -66,14 +70,14 @@ def test_ppo_stage_trains_on_shuffled_rewards(run_stage, monkeypatch):
     seen = []
     real = RewardCalculator.for_training
 
-    def spying(self, results):
-        seen.append((self.shuffled, len(results)))
-        return real(self, results)
+    def spying(self, results, step=None):
+        seen.append((self.shuffled, len(results), step))
+        return real(self, results, step)
     monkeypatch.setattr(RewardCalculator, "for_training", spying)
     assert run_stage("01_prepare_dataset.py") == 0
     assert run_stage("03_sft_train.py", "--quick_test", "--max_steps", "1", "--skip_validation") == 0
     assert run_stage("05_train_ppo.py", "--quick_test", "--set", "algorithm.reward_control=shuffled",
                      "--set", "algorithm.eval_every_steps=100") == 0
-    assert seen == [(True, 4), (True, 4)]  # each step's rollout batch (quick: 2 steps of 4), the control on
+    assert seen == [(True, 4, 0), (True, 4, 1)]  # each step's rollout batch (quick: 2 steps of 4), the control on
     manifest = read_manifest(run_stage.stage_dir("05_ppo"))
     assert manifest["reward_control"] == "shuffled" and manifest["config"]["algorithm"]["reward_control"] == "shuffled"

@@ -26,11 +26,13 @@ def test_gpu_preset_resolves_for_every_stage(tmp_path, capsys):
     assert not (tmp_path / "outputs").exists()  # a dry run writes nothing
 
     _, entries = preset_overrides("gpu")
-    plan, resolver = plan_and_resolver(parse_methods("all"), DriverSettings(
+    plan, resolver = plan_and_resolver(parse_methods("all,grpo_random,ppo_format"), DriverSettings(
         "configs/models/smollm2-135m.yaml", "gpu", 42, False, preset=entries))
     configs = {spec.name: resolver.config(spec) for spec in plan}
     grpo, rloo, ppo = (configs[name]["algorithm"] for name in ("06_grpo", "07_rloo", "05_ppo"))
     assert grpo["steps"] == rloo["steps"] == ppo["steps"] == 100
+    # a method's variants and controls get its budget (the preset names stages by number)
+    assert configs["06_grpo_random"]["algorithm"]["steps"] == configs["05_ppo_format"]["algorithm"]["steps"] == 100
     assert grpo["prompts_per_step"] * grpo["num_generations"] == 16 == rloo["prompts_per_step"] * rloo["num_generations"]
     assert ppo["rollout_batch_size"] == 16 and ppo["mini_batch_size"] == 4 and ppo["ppo_epochs"] == 4
     assert all(config["data"]["raw_dir"] == "../shared/finqa_core" for config in configs.values()

@@ -259,7 +259,7 @@ class StartsWithLowercase:
         ok = completion[:1].isascii() and completion[:1].islower()
         return SimpleNamespace(total=1.0 if ok else 0.0, format_ok=ok)
 
-    def for_training(self, results: list) -> list:  # (no control: the rewards as scored)
+    def for_training(self, results: list, step: int | None = None) -> list:  # (no control: the rewards as scored)
         return results
 
 

@@ -384,7 +384,7 @@ class Rollout:
 
 class PPOTrainer:
     """PPO on a peft policy. calculator: anything with score_example(completion_text, row) -> result with
-    .total (and optionally the REWARD_COMPONENTS fields) and for_training(results) -> the results a step learns
+    .total (and optionally the REWARD_COMPONENTS fields) and for_training(results, step) -> the results a step learns
     from (utils.reward.RewardCalculator); rows are processed rows (their "prompt" is rendered with the tokenizer's
     chat template) or any dicts the calculator understands, with a "prompt"."""
 
@@ -505,7 +505,7 @@ class PPOTrainer:
 
         started = time.time()
         results = self.calculator.for_training([self.calculator.score_example(g.text, row)
-                                                for g, row in zip(generations, rows)])
+                                                for g, row in zip(generations, rows)], self.n_steps)
         device = self.accelerator.device
         scores = torch.tensor([float(r.total) for r in results], device=device)
         timings["reward"] = time.time() - started

@@ -253,21 +253,27 @@ class RewardCalculator:
     def __init__(self, weights: RewardWeights | None = None, shuffle_seed: int | None = None):
         self.weights = weights or RewardWeights()
         # the random-reward control (algorithm.reward_control: shuffled): see for_training
-        self._shuffle = random.Random(shuffle_seed) if shuffle_seed is not None else None
+        self.shuffle_seed = shuffle_seed
+        self._step, self._calls = None, 0
 
     @property
     def shuffled(self) -> bool:
-        return self._shuffle is not None
+        return self.shuffle_seed is not None
 
-    def for_training(self, results: list[RewardResult]) -> list[RewardResult]:
+    def for_training(self, results: list[RewardResult], step: int | None = None) -> list[RewardResult]:
         """The rewards a training batch (a step's rollouts) learns from: the results as scored, or, under the
-        random-reward control, a seeded random permutation of them. The batch keeps exactly its rewards' values
-        (so the distribution's shape, mean and spread, step by step, as the real reward's), but no reward follows
-        the completion that earned it: what the method gains from it is what a reward without information gives.
-        Validation and evaluation score items one by one (score / score_example) and are never shuffled."""
-        if self._shuffle is None:
+        random-reward control, a random permutation of them. The batch keeps exactly its rewards' values (so the
+        distribution's shape, mean and spread, step by step, as the real reward's), but no reward follows the
+        completion that earned it: what the method gains from it is what a reward without information gives. The
+        permutation is seeded by (seed, step, the batch's place in the step), so a resumed run redoing a step
+        permutes as the interrupted one did. Validation and evaluation score items one by one (score /
+        score_example) and are never shuffled."""
+        if self.shuffle_seed is None:
             return results
-        return self._shuffle.sample(results, len(results))
+        if step != self._step:
+            self._step, self._calls = step, 0
+        self._calls += 1
+        return random.Random(f"{self.shuffle_seed}:{step}:{self._calls}").sample(results, len(results))
 
     def score(self, completion: str, gold_program: str, exe_ans, table) -> RewardResult:
         """Score one completion against the gold program, exe_ans (float or "yes"/"no", or their text) and
@@ -363,9 +369,11 @@ class _BatchScorer:
         columns = (kwargs["target_program"], kwargs["exe_ans"], kwargs["table"])
         key = repr((texts, columns))
         if key != self._key:
+            state = kwargs.get("trainer_state")  # trl passes it: the step the batch trains
             self._results = self.calculator.for_training([self.calculator.score(text, gold, exe_ans, table)
                                                           for text, gold, exe_ans, table in zip(texts, *columns,
-                                                                                                strict=True)])
+                                                                                                strict=True)],
+                                                         state.global_step if state is not None else None)
             self._key = key
         return self._results
 

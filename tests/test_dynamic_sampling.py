@@ -71,3 +71,13 @@ def test_dynamic_sampling_is_one_process_only(run_stage, monkeypatch, capsys):
     monkeypatch.setattr(rl_trl.processes, "several", lambda: True)
     assert run_stage("06_train_grpo.py", "--quick_test", "--set", "algorithm.dynamic_sampling=true") == 1
     assert "algorithm.dynamic_sampling: runs on one process" in capsys.readouterr().err
+
+
+def test_dynamic_sampling_variants_are_in_the_registry():
+    from utils.driver import DriverSettings, parse_methods, plan_and_resolver
+
+    plan, resolver = plan_and_resolver(parse_methods("grpo_dynamic,rloo_dynamic"), DriverSettings(
+        "configs/models/smollm2-135m.yaml", "run", 42, True))
+    configs = {spec.name: resolver.config(spec)["algorithm"] for spec in plan if spec.name[:2] in ("06", "07")}
+    assert {name: config["dynamic_sampling"] for name, config in configs.items()} == \
+        {"06_grpo_dynamic": True, "07_rloo_dynamic": True}

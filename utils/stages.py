@@ -115,6 +115,11 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
                                     ("rloo", "07_rloo", "07_train_rloo.py"))
       for control, override in (("random", "algorithm.reward_control=shuffled"),
                                 ("format", "algorithm.reward_weights={exact: 0.0, numeric: 0.0, partial_program: 0.0}"))),
+    # DAPO's dynamic sampling (utils.rl_trl.DynamicSampler): all-equal groups replaced by varied ones of fresh prompts
+    *(Stage(f"{method}_dynamic", f"{folder}_dynamic", script, f"configs/algorithms/{method}.yaml",
+            f"ckpt_{method}/final", **_RL, **_resumes(method), variant_of=method,
+            overrides=("algorithm.dynamic_sampling=true",))
+      for method, folder, script in (("grpo", "06_grpo", "06_train_grpo.py"), ("rloo", "07_rloo", "07_train_rloo.py"))),
 )}
 
 STAGE_FOLDERS = {key: stage.folder for key, stage in STAGES.items()}

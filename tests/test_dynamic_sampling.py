@@ -73,6 +73,14 @@ def test_dynamic_sampling_is_one_process_only(run_stage, monkeypatch, capsys):
     assert "algorithm.dynamic_sampling: runs on one process" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script, setting", [("06_train_grpo.py", "algorithm.scale_rewards=batch"),
+                                             ("07_train_rloo.py", "algorithm.normalize_advantages=true")])
+def test_dynamic_sampling_refuses_step_wide_scaling(run_stage, capsys, script, setting):
+    assert run_stage(script, "--quick_test", "--set", "algorithm.dynamic_sampling=true", "--set", setting) == 1
+    err = capsys.readouterr().err
+    assert f"error: algorithm.dynamic_sampling with {setting.replace('true', 'True')}" in err and "Traceback" not in err
+
+
 def test_dynamic_sampling_variants_are_in_the_registry():
     from utils.driver import DriverSettings, parse_methods, plan_and_resolver
 

@@ -639,6 +639,12 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
     if algo["dynamic_sampling"] and processes.several():
         raise ConfigError("algorithm.dynamic_sampling: runs on one process (each process holds only its share of "
                           "a step's groups); run the stage without a launcher or set algorithm.dynamic_sampling=false")
+    batch_wide = {"scale_rewards": "batch", "normalize_advantages": True}  # advantages scaled over the whole step
+    clash = [key for key, value in batch_wide.items() if algo.get(key) == value]
+    if algo["dynamic_sampling"] and clash:
+        raise ConfigError(f"algorithm.dynamic_sampling with algorithm.{clash[0]}={algo[clash[0]]}: a replacement group "
+                          f"would be scaled by the statistics of the call that drew it, not of the step it joins; "
+                          f"scale per group (GRPO's scale_rewards group or none, RLOO's normalize_advantages false)")
 
     with stage_run(stage.manifest_name, out_dir, config, args.seed, overwrite=args.overwrite,
                    keep_partial=args.resume) as run:

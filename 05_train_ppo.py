@@ -24,8 +24,7 @@ from utils.models import configure_torch, count_parameters, lora_config
 from utils.ppo import PPOSettings, PPOTrainer, cycle_batches, refuse_deepspeed, save_value_head
 from utils.runs import read_json, stage_run, write_json_atomic
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, add_policy_flags, policy_inputs, rl_train_rows
-from utils.training import last_checkpoint
-from utils.validation import PolicyCheckpoints
+from utils.validation import PolicyCheckpoints, logged_upto
 from utils.stages import STAGES
 
 STAGE = STAGES["ppo"]
@@ -79,10 +78,9 @@ def main() -> int:
         # the same checkpoints and validation as the trl stages, the value head saved beside each adapter
         checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, inputs.adapters,
                                         save_extra=lambda model, dest: save_value_head(trainer.unwrapped, dest))
-        trainer_dir = checkpoints.ckpt_dir / "checkpoints"
-        resume_from = last_checkpoint(trainer_dir) if args.resume else None
+        resume_from = checkpoints.resume_point(args.resume)
         validator = checkpoints.validation(inputs.val_rows, calculator, greedy, settings.eval_every_steps, args.seed,
-                                           best_reward=checkpoints.best_reward_saved() if resume_from else None)
+                                           resume_from=resume_from)
         validator.generation_model = trainer.generation_model
         log_path = checkpoints.log_path
 
@@ -92,9 +90,7 @@ def main() -> int:
             done = trainer.load_state(resume_from)
             for _ in range(done):
                 next_batch()  # the prompt stream as it stood
-            records = [r for r in read_json(log_path, "training log")
-                       if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= done]
-            validator.restore(done)
+            records = logged_upto(read_json(log_path, "training log"), done)
             log.info("resuming from %s (step %d)", resume_from, done)
         else:
             done = 0
@@ -112,8 +108,8 @@ def main() -> int:
             if step == settings.steps or (settings.eval_every_steps > 0 and step % settings.eval_every_steps == 0):
                 validator.run(trainer.policy, step)
             if step < settings.steps and step % settings.save_every_steps == 0:  # after validating: its state too
-                trainer.save_state(trainer_dir / f"checkpoint-{step}")
-                for older in trainer_dir.glob("checkpoint-*"):  # the newest is all a resume needs
+                trainer.save_state(checkpoints.trainer_dir / f"checkpoint-{step}")
+                for older in checkpoints.trainer_dir.glob("checkpoint-*"):  # the newest is all a resume needs
                     if older.name != f"checkpoint-{step}" and is_main:
                         shutil.rmtree(older)
 

@@ -27,7 +27,7 @@ from utils.models import MergedCopy, configure_torch, count_parameters, lora_con
 from utils.preferences import pair_logps, preference_accuracy
 from utils.runs import StageError, require_completed, stage_run, write_json_atomic
 from utils.stage_inputs import add_policy_flags, policy_inputs
-from utils.training import SCHEDULE_KEYS, last_checkpoint, trainer_arguments
+from utils.training import SCHEDULE_KEYS, trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 from utils.stages import STAGES
 
@@ -91,21 +91,18 @@ def main() -> int:
         policy = policy_inputs(args, config, run, device, "DPO")
         tokenizer = policy.tokenizer
         checkpoints = PolicyCheckpoints(out_dir, STAGE.key, tokenizer, policy.adapters)
-        trainer_dir = checkpoints.ckpt_dir / "checkpoints"
-        resume_from = last_checkpoint(trainer_dir) if args.resume else None
+        resume_from = checkpoints.resume_point(args.resume)
         validation = checkpoints.validation(policy.val_rows, policy.calculator,
                                             settings_from_config(config, sampled=False), algo["eval_every_steps"],
-                                            args.seed, best_reward=checkpoints.best_reward_saved() if resume_from
-                                            else None)
+                                            args.seed, resume_from=resume_from)
         if resume_from:
-            validation.restore(int(resume_from.name.split("-")[-1]))
             log.info("resuming from %s", resume_from)
         eval_pairs = bool(heldout_pairs) and algo["eval_pairs_every_steps"] > 0
         dpo_config = DPOConfig(**trainer_arguments(
             config, out_dir, args.seed, device, DPOConfig,
             algorithm_keys=SCHEDULE_KEYS + ("learning_rate", "beta", "loss_weights", "save_every_steps",
                                             "save_total_limit"),
-            output_dir=str(trainer_dir),
+            output_dir=str(checkpoints.trainer_dir),
             max_length=max_length,
             loss_type=loss_types,
             save_strategy="steps",  # trainer checkpoints every save_every_steps, for --resume

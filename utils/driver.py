@@ -738,18 +738,9 @@ def refuse_foreign_run_root(run_dir: Path) -> None:
                          f"another --run_id (nothing was changed)")
 
 
-class RunLock:
-    """One driver per run at a time (an flock, released by the kernel even after kill -9)."""
-
-    def __init__(self, run_dir: Path):
-        self.lock = FolderLock(run_dir, run_dir / ".driver.lock", f"another 12_driver.py is running on {run_dir}")
-
-    def __enter__(self):
-        self.lock.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lock.__exit__()
+def run_lock(run_dir: Path) -> FolderLock:
+    """One driver per run at a time (an flock on .driver.lock, released by the kernel even after kill -9)."""
+    return FolderLock(run_dir, run_dir / ".driver.lock", f"another 12_driver.py is running on {run_dir}")
 
 
 def execute(resolver: Resolver, decisions: list[Decision], manifest: RunManifest,
@@ -918,7 +909,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] | None = Non
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         refuse_foreign_run_root(resolver.run_root)  # before the lock file is made in it
-        with RunLock(resolver.run_root):
+        with run_lock(resolver.run_root):
             refuse_foreign_run_root(resolver.run_root)
             decisions = make_plan(resolver, specs, rerun)
             echo(format_plan(decisions, resolver.run_root, commands=False) + "\n")

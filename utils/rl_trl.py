@@ -59,7 +59,7 @@ from utils.reward import COMPONENTS, make_reward_functions
 from utils.runs import StageError, read_json, stage_run, write_json_atomic
 from utils.stages import STAGES
 from utils.stage_inputs import TRAIN_PROMPT_FLAG, add_policy_flags, policy_inputs, rl_train_rows
-from utils.training import last_checkpoint, trainer_arguments
+from utils.training import trainer_arguments
 from utils.validation import JsonLogCallback, PolicyCheckpoints, first_logged, last_logged
 
 log = logging.getLogger("finqa_rl")
@@ -580,8 +580,8 @@ class ResumeState(TrainerCallback):
                            "step_times": self.timer.steps,
                            "dynamic_sampling": self.dynamic.steps if self.dynamic is not None else None})
 
-    def restore(self, checkpoint: Path) -> int:
-        """Load the state saved with `checkpoint`; returns its step."""
+    def restore(self, checkpoint: Path) -> None:
+        """Load the state saved with `checkpoint`."""
         path = self.path(checkpoint)
         data = read_json(path, "resume state")
         if not (isinstance(data, dict) and isinstance(data.get("step"), int) and
@@ -590,7 +590,6 @@ class ResumeState(TrainerCallback):
         self.recorder.batches, self.timer.steps = data["reward_batches"], data["step_times"]
         if self.dynamic is not None:
             self.dynamic.steps = list(data.get("dynamic_sampling") or [])
-        return data["step"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -654,11 +653,10 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
         tokenizer = policy.tokenizer
         checkpoints = PolicyCheckpoints(out_dir, method.name, tokenizer, policy.adapters)
         arguments = trl_arguments(method, config, out_dir, args.seed, device)
-        resume_from = last_checkpoint(Path(arguments["output_dir"])) if args.resume else None
+        resume_from = checkpoints.resume_point(args.resume)  # (trl writes them there: arguments' output_dir)
         validation = checkpoints.validation(policy.val_rows, policy.calculator,
                                             settings_from_config(config, sampled=False), algo["eval_every_steps"],
-                                            args.seed, best_reward=checkpoints.best_reward_saved() if resume_from
-                                            else None)
+                                            args.seed, resume_from=resume_from)
         recorder = RewardRecorder(make_reward_functions(policy.calculator), budget["num_generations"])
         timer = StepTimer()
         resume_state = ResumeState(recorder, timer)
@@ -675,7 +673,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
         if resume_state.dynamic:
             resume_state.dynamic.install(trainer)
         if resume_from:
-            validation.restore(resume_state.restore(resume_from))
+            resume_state.restore(resume_from)
         policy_copy = MergedCopy(trainer.accelerator.unwrap_model(trainer.model))
         validation.generation_model = policy_copy.model
         if not algo["use_vllm"]:

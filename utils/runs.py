@@ -370,7 +370,8 @@ class stage_run:
         try:
             folder = prepare_stage_dir(stage_dir, stage, overwrite, keep_partial) if self.writes else Path(stage_dir)
         except BaseException:
-            self.lock is not None and self.lock.__exit__()
+            if self.lock is not None:
+                self.lock.__exit__()
             raise
         processes.wait_for_everyone()
         self.run = StageRun(stage=stage, dir=folder, config=config, seed=seed)

@@ -35,9 +35,14 @@ SCHEDULE_KEYS = ("epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "we
                  "logging_steps")
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a trainer checkpoint (checkpoint-<step>) was saved after."""
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
 def last_checkpoint(folder: Path) -> Path | None:
     """The newest trainer checkpoint (checkpoint-<step>) in folder, or None."""
-    checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=checkpoint_step)
     return checkpoints[-1] if checkpoints else None
 
 

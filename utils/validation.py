@@ -19,6 +19,7 @@ from utils.generation import GenerationSettings, generate
 from utils.models import save_adapter
 from utils.reward import RewardCalculator
 from utils.runs import StageError, read_json, write_json_atomic
+from utils.training import checkpoint_step, last_checkpoint
 
 log = logging.getLogger("finqa_rl")
 
@@ -124,6 +125,7 @@ class PolicyCheckpoints:
                  val_folder: str = "val_generations"):
         self.out_dir, self.tokenizer, self.adapters, self.save_extra = Path(out_dir), tokenizer, adapters, save_extra
         self.ckpt_dir = self.out_dir / f"ckpt_{key}"
+        self.trainer_dir = self.ckpt_dir / "checkpoints"  # resumable checkpoints (checkpoint-<step>)
         self.val_dir = self.out_dir / val_folder
         self.log_path = self.out_dir / "logs" / "training_log.json"
 
@@ -147,11 +149,21 @@ class PolicyCheckpoints:
                              f"re-run without resuming)")
         return reward
 
+    def resume_point(self, resume: bool) -> Path | None:
+        """The checkpoint a --resume run continues from: the newest in trainer_dir (None: start over)."""
+        return last_checkpoint(self.trainer_dir) if resume else None
+
     def validation(self, rows: list[dict], calculator: RewardCalculator, settings: GenerationSettings, every: int,
-                   seed: int, best_reward: float | None = None) -> ValidationCallback:
-        return ValidationCallback(self.tokenizer, rows, calculator, settings, self.val_dir, every, seed,
-                                  on_best=lambda model, summary: self.save(model, "best", summary),
-                                  best_reward=best_reward)
+                   seed: int, best_reward: float | None = None,
+                   resume_from: Path | None = None) -> ValidationCallback:
+        """The stage's validation callback; resuming from a checkpoint, with the best and the validations the
+        interrupted run had up to it."""
+        callback = ValidationCallback(self.tokenizer, rows, calculator, settings, self.val_dir, every, seed,
+                                      on_best=lambda model, summary: self.save(model, "best", summary),
+                                      best_reward=self.best_reward_saved() if resume_from else best_reward)
+        if resume_from:
+            callback.restore(checkpoint_step(resume_from))
+        return callback
 
     def finish(self, run, model, validation: ValidationCallback | None) -> dict:
         """Save ckpt_<key>/final (and best, when nothing was validated), record the outputs, and return the
@@ -192,6 +204,12 @@ def last_logged(history: list[dict], key: str):
     return first_logged(history[::-1], key)
 
 
+def logged_upto(records: list, step: int) -> list:
+    """A training log's records of the steps up to `step` (a resumed run redoes and logs the later ones)."""
+    return [record for record in records if not (isinstance(record, dict) and isinstance(record.get("step"), int)
+                                                 and record["step"] > step)]
+
+
 class JsonLogCallback(TrainerCallback):
     """Mirrors the trainer's logs into logs/training_log.json as they come (rewritten atomically), so the
     curves survive an interruption."""
@@ -204,8 +222,7 @@ class JsonLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # resuming from a trainer checkpoint at state.global_step: the steps after it are redone and logged again
-        self.records = [record for record in self.records if not (isinstance(record, dict) and isinstance(
-            record.get("step"), int) and record["step"] > state.global_step)]
+        self.records = logged_upto(self.records, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and processes.is_main():

@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 
-from utils import processes
+from utils import processes, vllm_engine
 from utils.cli import ConfigFlag, main_guard, resolve_config, setup_logging, stage_dir, stage_parser
 from utils.finqa_data import load_processed, write_jsonl
 from utils.generation import GenerationStats, generate, settings_from_config
@@ -49,20 +49,29 @@ def main() -> int:
         if spec:
             run.add_input("reward_spec", spec)
         calculator = reward_calculator(spec)
-        tokenizer = load_tokenizer(config["model"]["path"])
         compute = precision(config, device)
         run.extra["precision"] = compute.record()
-        model = load_model(config["model"]["path"], ckpt, device, compute.inference_dtype)
-
-        stats = GenerationStats()
         k = settings["num_candidates"]
-        # several processes (utils.processes): each samples its share of the batches, the main one writes
-        generations = processes.gather_in_order(generate(
-            model, tokenizer, [row["prompt"] for row in rows],
-            settings_from_config(config, sampled=True, num_return_sequences=k), desc=f"sampling {k} per prompt",
-            seed=args.seed, stats=stats, shard=processes.shard()))
-        if not processes.is_main():
-            return 0
+        prompts = [row["prompt"] for row in rows]
+        sampling = settings_from_config(config, sampled=True, num_return_sequences=k)
+        if config["generation"]["engine"] == "vllm":  # the checkpoint's weights served by vLLM
+            stats = vllm_engine.EngineStats()
+            generations = vllm_engine.generate_with_vllm(config, ckpt, run.dir / ".vllm_weights", device,
+                                                         compute.inference_dtype, prompts, sampling, args.seed, stats)
+            generation_record = vllm_engine.engine_record(stats, len(rows))
+        else:
+            tokenizer = load_tokenizer(config["model"]["path"])
+            model = load_model(config["model"]["path"], ckpt, device, compute.inference_dtype)
+            stats = GenerationStats()
+            # several processes (utils.processes): each samples its share of the batches, the main one writes
+            generations = processes.gather_in_order(generate(
+                model, tokenizer, prompts, sampling, desc=f"sampling {k} per prompt", seed=args.seed, stats=stats,
+                shard=processes.shard()))
+            if not processes.is_main():
+                return 0
+            generation_record = {"engine": "native", "seconds": round(stats.seconds, 2),
+                                 "tokens": stats.n_generated_tokens,
+                                 "tokens_per_second": round(stats.tokens_per_second, 2)}  # the main process's share
 
         candidates, scores = [], []
         for row, group in zip(rows, generations):
@@ -87,8 +96,7 @@ def main() -> int:
             "prompts_with_a_correct_candidate": sum(any(s["exec_match"] for s in scores if s["id"] == row["id"])
                                                     for row in rows),
             "mean_best_reward_per_prompt": round(float(np.mean(per_prompt_best)), 5),
-            "generation": {"seconds": round(stats.seconds, 2), "tokens": stats.n_generated_tokens,
-                           "tokens_per_second": round(stats.tokens_per_second, 2)},  # the main process's share
+            "generation": generation_record,
             "processes": processes.world_size(),  # each process samples its own stream
         })
         log.info("candidates: %d prompts x %d, parse rate %.2f, mean reward %.3f", len(rows), k,

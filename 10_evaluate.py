@@ -9,7 +9,7 @@ without loading a model.
 """
 from pathlib import Path
 
-from utils import processes
+from utils import processes, vllm_engine
 from utils.cli import ConfigFlag, UsageError, main_guard, resolve_config, setup_logging, stage_dir, stage_parser, \
     upstream_dir
 from utils.finqa_data import load_processed, read_jsonl_lines, write_jsonl
@@ -107,23 +107,32 @@ def main() -> int:
                 run.add_input("checkpoint", ckpt)
             run.extra["checkpoint"] = str(ckpt) if ckpt else "base"
             device = configure_torch(config)
-            tokenizer = load_tokenizer(config["model"]["path"])
             compute = precision(config, device)
             run.extra["precision"] = compute.record()
-            model = load_model(config["model"]["path"], ckpt, device, compute.inference_dtype)
-            stats = GenerationStats()
-            # several processes (utils.processes): each generates its share of the batches, the main one scores
-            generations = processes.gather_in_order(generate(
-                model, tokenizer, [row["prompt"] for row in rows], settings_from_config(config, sampled=False),
-                desc=f"evaluating {args.label}", seed=args.seed, stats=stats, shard=processes.shard()))
-            if not processes.is_main():
-                return 0
+            prompts, settings = [row["prompt"] for row in rows], settings_from_config(config, sampled=False)
+            if config["generation"]["engine"] == "vllm":  # the checkpoint's weights served by vLLM
+                stats = vllm_engine.EngineStats()
+                generations = vllm_engine.generate_with_vllm(config, ckpt, out_dir / ".vllm_weights", device,
+                                                             compute.inference_dtype, prompts, settings, args.seed,
+                                                             stats)
+                run.metrics["generation"] = vllm_engine.engine_record(stats, len(rows))
+            else:
+                tokenizer = load_tokenizer(config["model"]["path"])
+                model = load_model(config["model"]["path"], ckpt, device, compute.inference_dtype)
+                stats = GenerationStats()
+                # several processes (utils.processes): each generates its share of the batches, the main one scores
+                generations = processes.gather_in_order(generate(
+                    model, tokenizer, prompts, settings, desc=f"evaluating {args.label}", seed=args.seed,
+                    stats=stats, shard=processes.shard()))
+                if not processes.is_main():
+                    return 0
+                run.metrics["generation"] = {"engine": "native", "seconds": round(stats.seconds, 2),
+                                             "tokens": stats.n_generated_tokens,
+                                             "tokens_per_second": round(stats.tokens_per_second, 2),
+                                             "examples_per_second": round(len(rows) / max(stats.seconds, 1e-9), 3),
+                                             "processes": processes.world_size()}  # figures: the main one's share
             predictions = [{"id": row["id"], "completion": group[0].text, "n_tokens": group[0].n_tokens,
                             "finish_reason": group[0].finish_reason} for row, group in zip(rows, generations)]
-            run.metrics["generation"] = {"seconds": round(stats.seconds, 2), "tokens": stats.n_generated_tokens,
-                                         "tokens_per_second": round(stats.tokens_per_second, 2),
-                                         "examples_per_second": round(len(rows) / max(stats.seconds, 1e-9), 3),
-                                         "processes": processes.world_size()}  # figures: the main one's share
 
         records = score_items(rows, predictions, reward_calculator(spec))
         metrics = aggregate(records)

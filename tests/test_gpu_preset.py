@@ -37,6 +37,11 @@ def test_gpu_preset_resolves_for_every_stage(tmp_path, capsys):
     assert ppo["rollout_batch_size"] == 16 and ppo["mini_batch_size"] == 4 and ppo["ppo_epochs"] == 4
     assert all(config["data"]["raw_dir"] == "../shared/finqa_core" for config in configs.values()
                if "data" in config)
+    # generation on vLLM: 04 and every evaluation, GRPO's and RLOO's rollouts (and their variants'); PPO's own loop
+    assert {name for name, config in configs.items() if config.get("generation", {}).get("engine") == "vllm"} == \
+        {"04_candidates", *(name for name in configs if name.startswith("10_evaluation"))}
+    assert {name for name, config in configs.items() if config.get("algorithm", {}).get("use_vllm")} == \
+        {"06_grpo", "07_rloo", "06_grpo_random"}
 
 
 def test_gpu_preset_runs_on_a_cpu(tiny_model_dir, finqa_dir, tmp_path):
@@ -47,7 +52,9 @@ def test_gpu_preset_runs_on_a_cpu(tiny_model_dir, finqa_dir, tmp_path):
            "--set", "sft.algorithm.max_steps=1", "--set", "dpo.algorithm.max_steps=1",
            "--set", "grpo.algorithm.steps=1", "--set", "rloo.algorithm.steps=1", "--set", "ppo.algorithm.steps=1",
            "--set", "algorithm.n_val_examples=4", "--set", "candidates.max_prompts=4",
-           "--set", "evaluation.max_examples=4"]
+           "--set", "evaluation.max_examples=4",
+           # vLLM cannot serve the tiny model (attention heads 8 wide); tests/test_smoke.py runs it on the real one
+           "--set", "generation.engine=native", "--set", "algorithm.use_vllm=false"]
     done = subprocess.run([sys.executable, "scripts/gpu_run.py", "--cpu_check", "--run_id", "gpu", "--", *cut],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

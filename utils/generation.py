@@ -390,7 +390,7 @@ def _token_chooser(settings: GenerationSettings):
     return choose
 
 
-def _stop_rule(tokenizer, settings: GenerationSettings):
+def stop_rule(tokenizer, settings: GenerationSettings):
     """ends(ids): whether a row whose newest token is ids[-1] is finished (end-of-turn / EOS, or the end of its
     first complete JSON object; only a token holding a "}" can complete one, so only then is the text decoded)."""
     stops = set(stop_token_ids(tokenizer))
@@ -514,7 +514,7 @@ def generate(model, tokenizer, prompts: list, settings: GenerationSettings, desc
     results: list[list[Generation]] = [[] for _ in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     k = settings.num_return_sequences
-    choose, ends = _token_chooser(settings), _stop_rule(tokenizer, settings)
+    choose, ends = _token_chooser(settings), stop_rule(tokenizer, settings)
     device = next(model.parameters()).device
     shard_index, shard_count = shard
     if seed is not None:

@@ -15,7 +15,8 @@ Design
   back-propagates them micro_batch_size at a time (gradient accumulation). Both methods read the same keys, so
   their defaults spend the same budget; the manifest records it, with the tokens actually generated.
 - Rollouts: the project's generation path on a merged copy of the policy (serve_rollouts, utils.models.MergedCopy)
-  in place of trl's `generate` on the unmerged adapter; trl's vLLM path when algorithm.use_vllm.
+  in place of trl's `generate` on the unmerged adapter; trl's colocated vLLM engine when algorithm.use_vllm (on a CPU
+  its weight sync goes through vLLM's own reload: utils.vllm_engine).
 - Scoring: trl's log-probabilities with each distinct prompt forwarded once per call and its completions on top
   of its keys and values (score_shared_prompts); the same numbers as trl's per-completion forwards.
 - Validation: greedy decoding on a slice of val.jsonl (utils.validation.ValidationCallback), at step 0 (the SFT
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import inspect
 import itertools
 import logging
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from utils import processes
+from utils import processes, vllm_engine
 from utils.cli import ConfigFlag, check_resume, setup_logging, stage_dir, stage_parser
 from utils.config import ConfigError
 from utils.finqa_data import hf_dataset
@@ -595,25 +595,14 @@ class ResumeState(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 
-# Why no vLLM installs beside this stack (tests/test_launchers.py checks the versions against trl's metadata and
-# requirements.txt): a plain `pip install vllm` takes a release trl 1.16 refuses and replaces torch underneath.
-VLLM_UNAVAILABLE = ("trl 1.16 supports vllm>=0.22.0,<=0.31.0 (its `vllm` extra), vLLM 0.31 needs transformers<5.18 "
-                    "and requirements.txt pins transformers==5.23.0, so no vLLM release installs with this pin yet")
-
-
-def require_vllm_if_asked(algo: dict, device) -> None:
-    """algorithm.use_vllm on a machine that cannot run vLLM is an error, never a silent fall-back to generate."""
+def require_vllm_if_asked(algo: dict) -> None:
+    """algorithm.use_vllm where vLLM cannot run is an error, never a silent fall-back to generate."""
     if not algo["use_vllm"]:
         return
-    if algo["vllm_mode"] == "server":  # on any device: trl would wait its 240 s for a server nobody started
+    if algo["vllm_mode"] == "server":  # trl would wait its 240 s for a server nobody started
         raise ConfigError("algorithm.vllm_mode: server needs a `trl vllm-serve` process, and this project does not "
                           "start one or pass its host and port; use algorithm.vllm_mode=colocate")
-    if device.type != "cuda":
-        raise ConfigError(f"algorithm.use_vllm: vLLM generation needs a CUDA GPU and this stage runs on {device.type} "
-                          f"(set algorithm.use_vllm=false)")
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"algorithm.use_vllm: the vllm package is not installed: {VLLM_UNAVAILABLE} "
-                          f"(set algorithm.use_vllm=false)")
+    vllm_engine.require("algorithm.use_vllm")
 
 
 def stage_parser_for(method: RLMethod, description: str):
@@ -634,7 +623,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
     check_resume(args, out_dir)
     setup_logging()
     device = configure_torch(config)
-    require_vllm_if_asked(algo, device)
+    require_vllm_if_asked(algo)
     if algo["dynamic_sampling"] and processes.several():
         raise ConfigError("algorithm.dynamic_sampling: runs on one process (each process holds only its share of "
                           "a step's groups); run the stage without a launcher or set algorithm.dynamic_sampling=false")
@@ -666,6 +655,8 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
                                                   tokenizer.pad_token_id)
         if args.resume:
             log.info("resuming from %s", resume_from or "the start (no trainer checkpoint yet)")
+        if algo["use_vllm"]:
+            vllm_engine.prepare_trl_colocate(device, next(policy.base.parameters()).dtype)
         trainer = make_trainer(method, policy.base, tokenizer, hf_dataset(train_rows, DATASET_COLUMNS),
                                [timer.timed(function, "reward") for function in recorder.functions], arguments,
                                [timer, *([resume_state.dynamic] if resume_state.dynamic else []),
@@ -676,7 +667,10 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
             resume_state.restore(resume_from)
         policy_copy = MergedCopy(trainer.accelerator.unwrap_model(trainer.model))
         validation.generation_model = policy_copy.model
-        if not algo["use_vllm"]:
+        if algo["use_vllm"]:  # trl's colocated vLLM engine generates the rollouts
+            if device.type == "cpu":
+                vllm_engine.sync_trl_weights_on_cpu(trainer)
+        else:
             serve_rollouts(trainer, policy_copy, tokenizer, rollout_settings(config, budget))
         score_shared_prompts(trainer)
         trainer._generate = timer.timed(trainer._generate, "generation")

@@ -9,7 +9,8 @@ Runs go to outputs/bench_rl/<dtype>/<method> (replaced on the next run of this s
     python bench/bench_rl_step.py --policy_ckpt outputs/run_001/03_sft/ckpt_sft/best --steps 4
 
 --before_repo DIR also runs each method, first, with another checkout's stage scripts (e.g. `git worktree add
-/tmp/before <commit>`) in float32: the path before a change, on the same machine in the same run.
+/tmp/before <commit>`) in float32: the path before a change, on the same machine in the same run. --vllm also runs
+GRPO and RLOO with their rollouts on trl's colocated vLLM engine (algorithm.use_vllm) in each --dtypes.
 
 Writes bench/results/rl_step.json (or --output).
 """
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every stage (e.g. data.processed_dir=...)")
     parser.add_argument("--before_repo", default=None, help="another checkout whose stages run first, in float32")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, from float32,bfloat16")
+    parser.add_argument("--vllm", action="store_true", help="GRPO and RLOO also with algorithm.use_vllm=true")
     parser.add_argument("--output", default="bench/results/rl_step.json")
     args = parser.parse_args()
     extra = [item for override in args.overrides for item in ("--set", override)]
@@ -73,13 +76,22 @@ def main() -> None:
         if args.before_repo:
             results[method]["before_float32"] = run_method(method, "float32", args.steps, args.policy_ckpt, extra,
                                                            Path(args.before_repo).resolve(), "before_float32")
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         results[method].update({dtype: run_method(method, dtype, args.steps, args.policy_ckpt, extra)
-                                for dtype in DTYPES})
-        fp32, bf16 = (results[method][d]["mean_seconds"] for d in DTYPES)
-        results[method]["speedup_bf16"] = speedup(fp32, bf16)
-        if args.before_repo:
+                                for dtype in dtypes})
+        if args.vllm and method != "ppo":
+            for dtype in dtypes:
+                results[method][f"{dtype}_vllm"] = run_method(method, dtype, args.steps, args.policy_ckpt,
+                                                              [*extra, "--set", "algorithm.use_vllm=true"],
+                                                              name=f"{dtype}_vllm")
+                results[method][f"speedup_vllm_{dtype}"] = speedup(results[method][dtype]["mean_seconds"],
+                                                                    results[method][f"{dtype}_vllm"]["mean_seconds"])
+        if all(d in results[method] for d in DTYPES):
+            fp32, bf16 = (results[method][d]["mean_seconds"] for d in DTYPES)
+            results[method]["speedup_bf16"] = speedup(fp32, bf16)
+        if args.before_repo and "bfloat16" in results[method]:
             results[method]["speedup_bf16_over_before"] = speedup(results[method]["before_float32"]["mean_seconds"],
-                                                                  bf16)
+                                                                  results[method]["bfloat16"]["mean_seconds"])
     write_result(args.output, {"benchmark": "rl_step", "steps": args.steps, "policy_ckpt": args.policy_ckpt,
                                "before_repo": args.before_repo, **results})
 

@@ -32,10 +32,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from utils.config import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the driver imports this module and needs no torch
+    import torch
 
 log = logging.getLogger("finqa_rl")
 
@@ -91,6 +93,8 @@ class EngineStats:
 def served_folder(model_path: str | Path, ckpt: str | Path | None, work_dir: Path) -> tuple[Path, bool]:
     """The folder vLLM loads: the model or merged checkpoint itself, or the checkpoint merged into work_dir.
     Returns (folder, written): written folders are removed by the caller."""
+    import torch
+
     from utils.models import is_adapter, load_model, load_tokenizer
 
     if ckpt is None:

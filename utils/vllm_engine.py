@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 import os
 import shutil
 import time
@@ -39,7 +38,6 @@ from utils.config import ConfigError
 if TYPE_CHECKING:  # torch is imported where it is used: the driver imports this module and needs no torch
     import torch
 
-log = logging.getLogger("finqa_rl")
 
 # The releases this module is written and tested against (setup.sh --vllm installs them; README: "vLLM").
 VLLM_VERSION = "0.31.0"

@@ -1,6 +1,7 @@
 """Issue 32, hostile files for scoring: a short prediction whose symbolic check would run for minutes, saved
 predictions with odd counts or repeated ids, and metrics.json / breakdown.csv / training logs with numbers that
 are not what 10 writes. Each gives a bounded answer or one `error:` line naming the file, never a traceback."""
+import gc
 import json
 import signal
 import threading
@@ -61,8 +62,14 @@ def test_hostile_program_is_bounded_and_checked_once(monkeypatch):
 
 
 def test_hostile_program_is_bounded_outside_the_main_thread(monkeypatch):
-    # no signal reaches a worker thread: the limit is read off the clock there
+    # no signal reaches a worker thread: a watchdog thread raises the limit into it, again and again, since one
+    # that lands in a gc callback (Python ignores it there; pytest installs one) is lost; this test's callback
+    # runs Python code, so that landings there happen
     monkeypatch.setattr(finqa_program, "MAX_CHECK_SECONDS", 0.5)
+
+    def slow_callback(phase, info):
+        [time.sleep(0.001) for _ in range(3)]
+
     answer = {}
 
     def check():
@@ -73,9 +80,13 @@ def test_hostile_program_is_bounded_outside_the_main_thread(monkeypatch):
         answer["commuted"] = equivalence("add(4273.1, 6.9%), divide(#0, 4273.1)",
                                          "add(6.9%, 4273.1), divide(#0, 4273.1)")
 
-    worker = threading.Thread(target=check)
-    worker.start()
-    worker.join(60)
+    gc.callbacks.append(slow_callback)  # (gc reads its own list: patching the attribute would not reach it)
+    try:
+        worker = threading.Thread(target=check)
+        worker.start()
+        worker.join(60)
+    finally:
+        gc.callbacks.remove(slow_callback)
     assert answer["hostile"] == finqa_program.Equivalence(False, bounded=True) and answer["seconds"] < 5
     assert answer["commuted"] == finqa_program.Equivalence(True)
 

@@ -27,7 +27,7 @@ How the official script works, and so how this module works:
   #refs make exponentially long). sympify cannot parse a string nested 200 deep, so a final expression with
   200 or more nested steps is not equivalent, as officially.
 - Program accuracy: equivalent, and the held result equals exe_ans (the official script asserts this and
-  would stop; DESIGN.md counts such an item as wrong). Execution accuracy: valid and the result equals exe_ans.
+  would stop; docs/design.md counts such an item as wrong). Execution accuracy: valid and the result equals exe_ans.
 
 Bounds (the only deviations; each is where the official script itself needs minutes, hours or all the memory):
 - strings built by concatenating yes/no results stop at MAX_TEXT_CHARS characters in all, integers (only
@@ -40,8 +40,8 @@ Bounds (the only deviations; each is where the official script itself needs minu
   prediction's in each check, the gold program's once: it is cached). Small expressions can still be slow:
   a 387-character prediction (a sum of six symbolic powers, to the 8th, over another sum; tests/
   test_hostile_scoring.py) needs 40 s of simplify. The limit is a SIGALRM timer in the main thread (stages
-  score there) and a clock read on every Python call elsewhere (Python runs signal handlers in the main
-  thread only).
+  score there) and an exception raised into the thread by a watchdog thread elsewhere (Python runs signal
+  handlers in the main thread only).
 An item whose check meets any of these bounds counts as not program-equivalent: program accuracy False,
 execution accuracy unaffected. equivalence() says so (bounded), RewardResult.program_check_bounded carries it,
 and metrics.json counts such items (program_check_bounded). The verdict of every check that reaches sympy is
@@ -53,12 +53,12 @@ differ wherever both are defined: simplify keeps values, so such programs never 
 from __future__ import annotations
 
 import cmath
+import ctypes
 import functools
 import hashlib
 import json
 import random
 import signal
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -684,7 +684,7 @@ class _OutOfTime(BaseException):
     has many, and so has programs_equivalent) takes it for sympy failing on the expression."""
 
 
-_REFIRE_SECONDS = 0.05  # past the limit the alarm repeats until the check is left, should one be swallowed
+_REFIRE_SECONDS = 0.05  # past the limit the alarm (or watchdog) fires again until the check is left
 
 
 def _out_of_time(signum, frame):
@@ -712,21 +712,37 @@ def _with_alarm(seconds: float, work):
             signal.setitimer(signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - started), 1e-3), outer[1])
 
 
-def _with_trace(seconds: float, work):
-    """work() in this thread, stopped after `seconds` by a clock read on every Python function call (sympy is
-    Python; the reads slow it down, so this only serves where no signal can)."""
-    deadline = time.monotonic() + seconds
+def _with_watchdog(seconds: float, work):
+    """work() in this thread, stopped after `seconds` by _OutOfTime raised into it from a watchdog thread
+    (CPython's PyThreadState_SetAsyncExc) and raised again every _REFIRE_SECONDS until work is left: one that
+    lands where Python ignores exceptions (a gc callback, a __del__) is followed by the next. (A clock read on
+    every call through sys.settrace stopped for good at the first such landing: Python turns tracing off when
+    the trace function raises, and the check then ran unbounded.)"""
+    thread_id, state = ctypes.c_ulong(threading.get_ident()), threading.Lock()
+    left = threading.Event()
 
-    def check(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise _OutOfTime  # (Python also stops tracing here)
+    def watchdog():
+        if left.wait(seconds):
+            return
+        while True:
+            with state:  # never fires once work is left
+                if left.is_set():
+                    return
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(thread_id, ctypes.py_object(_OutOfTime))
+            left.wait(_REFIRE_SECONDS)
 
-    previous = sys.gettrace()
-    sys.settrace(check)
+    threading.Thread(target=watchdog, daemon=True).start()
     try:
         return work()
     finally:
-        sys.settrace(previous)
+        while True:  # one can land while leaving: leave again
+            try:
+                with state:
+                    left.set()
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(thread_id, None)  # drop one not yet delivered
+                break
+            except _OutOfTime:
+                pass
 
 
 def _within(seconds: float, work):
@@ -734,7 +750,7 @@ def _within(seconds: float, work):
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer") \
             and signal.getsignal(signal.SIGALRM) is not None:  # None: a handler Python could not put back
         return _with_alarm(seconds, work)
-    return _with_trace(seconds, work)
+    return _with_watchdog(seconds, work)
 
 
 def _simplified(form: _Form, sym_map: dict):

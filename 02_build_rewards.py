@@ -18,7 +18,7 @@ STAGE = STAGES["rewards"]
 def main() -> int:
     parser = stage_parser(__doc__, STAGE)
     parser.add_argument("--reward_spec", default=None, help="start from this reward_spec.yaml "
-                                                            "(default: DESIGN.md's weights)")
+                                                            "(default: docs/design.md's weights)")
     args = parser.parse_args()
     config = resolve_config(args)
     log = setup_logging()

@@ -262,7 +262,7 @@ def test_failing_after_the_answer_still_counts_for_program_accuracy():
     # held values are rounded only when the script breaks off (a parse failure), not when it raises
     assert execute_program("divide(1, 3), divide(1, 0)", TABLE).official_value == 1 / 3
     assert execute_program("divide(1, 3), add(foo, 1)", TABLE).official_value == 0.33333
-    # equivalent but the held value is not exe_ans: the script's assert fails; DESIGN.md counts it wrong
+    # equivalent but the held value is not exe_ans: the script's assert fails; docs/design.md counts it wrong
     assert official("subtract(5829, 5735), divide(5829, 0), subtract(5829, 5735)", "subtract(5829, 5735)",
                     95.0) == (False, False)
 

@@ -1,4 +1,4 @@
-"""The command line every stage shares (DESIGN.md: "Conventions every stage follows")."""
+"""The command line every stage shares (docs/design.md: "Conventions every stage follows")."""
 from __future__ import annotations
 
 import argparse

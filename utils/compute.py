@@ -1,4 +1,4 @@
-"""Which number format a stage computes in, and why (DESIGN.md "Compute").
+"""Which number format a stage computes in, and why (docs/design.md "Compute").
 
 `model.dtype: auto` picks bfloat16 where the device runs it natively and fast, float32 elsewhere:
 - CUDA: bfloat16 when the GPU runs it natively: compute capability 8.0 (Ampere) or newer. Not

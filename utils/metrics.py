@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md: metrics.json), the per-item breakdown and FinQA's leaderboard format.
+"""Evaluation metrics (docs/design.md: metrics.json), the per-item breakdown and FinQA's leaderboard format.
 
 Every figure comes from the one reward calculator, so evaluation, RL rewards and candidate scores agree.
 predictions_official.json holds each prediction as FinQA's program tokens; official_scores() re-scores that

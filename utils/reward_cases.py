@@ -1,7 +1,7 @@
 """Edge cases the reward must get right, with expectations worked out by hand from the rule in utils/reward.py.
 
 Each case names which weight pays and by what factor (`pays`: ("exact", 1), ("partial_program", 2/3), ...), so the
-expected total follows from whatever weights reward_spec.yaml holds (DESIGN.md's: exact +1.0, numeric within 5%
+expected total follows from whatever weights reward_spec.yaml holds (docs/design.md's: exact +1.0, numeric within 5%
 +0.8, partial program 0.3 x fraction of gold steps, format violation -0.2). 02_build_rewards.py runs them under
 its spec and records the results; the tests run them too.
 """

@@ -1,4 +1,4 @@
-"""Run folders and stage manifests (DESIGN.md: "Stages and their folders").
+"""Run folders and stage manifests (docs/design.md: "Stages and their folders").
 
 Every stage writes outputs/<run_id>/<stage folder>/manifest.json: status running -> completed | failed, times,
 command line, resolved config, seed, inputs with sha256, outputs, headline metrics and the environment (and the

@@ -1,4 +1,4 @@
-"""Where a stage finds its inputs by default: the earlier stages of the same run (DESIGN.md)."""
+"""Where a stage finds its inputs by default: the earlier stages of the same run (docs/design.md)."""
 from __future__ import annotations
 
 import logging
@@ -30,7 +30,7 @@ def processed_split(config: dict, split: str) -> Path:
 
 
 def reward_spec_path(args, config: dict) -> Path | None:
-    """--reward_spec, else this run's 02_rewards/reward_spec.yaml, else None (DESIGN.md's default weights)."""
+    """--reward_spec, else this run's 02_rewards/reward_spec.yaml, else None (docs/design.md's default weights)."""
     if getattr(args, "reward_spec", None):
         path = Path(args.reward_spec)
         if not path.is_file():
@@ -45,7 +45,7 @@ def reward_spec_path(args, config: dict) -> Path | None:
 
 def reward_calculator(spec: Path | None, replaced: dict | None = None,
                       shuffle_seed: int | None = None) -> RewardCalculator:
-    """The reward of `spec` (None: DESIGN.md's weights), with the weights in `replaced` (an RL method's
+    """The reward of `spec` (None: docs/design.md's weights), with the weights in `replaced` (an RL method's
     algorithm.reward_weights, e.g. {partial_program: 0.6}) put in place of the spec's; shuffle_seed: the
     random-reward control (RewardCalculator.for_training)."""
     weights = RewardWeights.from_spec(spec) if spec else RewardWeights()

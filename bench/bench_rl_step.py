@@ -11,6 +11,9 @@ Runs go to outputs/bench_rl/<dtype>/<method> (replaced on the next run of this s
 --before_repo DIR also runs each method, first, with another checkout's stage scripts (e.g. `git worktree add
 /tmp/before <commit>`) in float32: the path before a change, on the same machine in the same run. --vllm also runs
 GRPO and RLOO with their rollouts on trl's colocated vLLM engine (algorithm.use_vllm) in each --dtypes.
+--variant NAME=KEY=VALUE[,KEY=VALUE...] (repeatable) also runs each method in each --dtypes with those overrides on
+top, after the plain run, and records its speed-up over it. Every run records seconds per completion (a step's
+seconds over its completions) and, for GRPO/RLOO, the no-grad scoring passes inside training (time_scoring_s).
 
 Writes bench/results/rl_step.json (or --output).
 """
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import REPO_ROOT, write_result  # noqa: E402
 
 SCRIPTS = {"ppo": "05_train_ppo.py", "grpo": "06_train_grpo.py", "rloo": "07_train_rloo.py"}
-PARTS = ("generation", "reward", "training", "step")
+PARTS = ("generation", "reward", "training", "scoring", "step")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -50,10 +53,12 @@ def run_method(method: str, dtype: str, steps: int, policy_ckpt: str, extra: lis
     log = json.loads((out_dir / "logs" / "training_log.json").read_text())
     records = [r for r in log if "time_step_s" in r][1:]  # the first step carries the warm-up
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    return {"steps_measured": len(records),
-            "completions_per_step": manifest["metrics"].get("completions_per_step"),
-            "precision": manifest["precision"]["dtype"],
-            "mean_seconds": {part: round(statistics.mean(r[f"time_{part}_s"] for r in records), 2) for part in PARTS}}
+    per_step = manifest["metrics"].get("completions_per_step")
+    mean = {part: round(statistics.mean(r[f"time_{part}_s"] for r in records), 2)
+            for part in PARTS if all(f"time_{part}_s" in r for r in records)}
+    return {"steps_measured": len(records), "completions_per_step": per_step,
+            "precision": manifest["precision"]["dtype"], "overrides": extra[1::2], "mean_seconds": mean,
+            "seconds_per_completion": round(mean["step"] / per_step, 2) if per_step else None}
 
 
 def main() -> None:
@@ -66,9 +71,17 @@ def main() -> None:
     parser.add_argument("--before_repo", default=None, help="another checkout whose stages run first, in float32")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, from float32,bfloat16")
     parser.add_argument("--vllm", action="store_true", help="GRPO and RLOO also with algorithm.use_vllm=true")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="NAME=KEY=VALUE[,...]",
+                        help="also run each method with these overrides (repeatable)")
     parser.add_argument("--output", default="bench/results/rl_step.json")
     args = parser.parse_args()
     extra = [item for override in args.overrides for item in ("--set", override)]
+    variants = {}
+    for variant in args.variants:
+        name, _, overrides = variant.partition("=")
+        if not name or "=" not in overrides:
+            parser.error(f"--variant {variant}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+        variants[name] = [item for override in overrides.split(",") for item in ("--set", override)]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results: dict = {}
     for method in methods:  # the runs of one method back to back: the machine's state is comparable
@@ -86,6 +99,12 @@ def main() -> None:
                                                               name=f"{dtype}_vllm")
                 results[method][f"speedup_vllm_{dtype}"] = speedup(results[method][dtype]["mean_seconds"],
                                                                     results[method][f"{dtype}_vllm"]["mean_seconds"])
+        for dtype in dtypes:
+            for name, overrides in variants.items():
+                run = results[method][f"{dtype}_{name}"] = run_method(
+                    method, dtype, args.steps, args.policy_ckpt, [*extra, *overrides], name=f"{dtype}_{name}")
+                results[method][f"speedup_{name}_{dtype}"] = speedup(results[method][dtype]["mean_seconds"],
+                                                                      run["mean_seconds"])
         if all(d in results[method] for d in DTYPES):
             fp32, bf16 = (results[method][d]["mean_seconds"] for d in DTYPES)
             results[method]["speedup_bf16"] = speedup(fp32, bf16)
@@ -97,7 +116,7 @@ def main() -> None:
 
 
 def speedup(slow: dict, fast: dict) -> dict:
-    return {part: round(slow[part] / fast[part], 2) for part in PARTS if fast[part] > 0.05}
+    return {part: round(slow[part] / fast[part], 2) for part in PARTS if part in slow and fast.get(part, 0) > 0.05}
 
 
 if __name__ == "__main__":

@@ -164,6 +164,7 @@ def test_grpo_and_rloo_stages(run_stage, reward_calls):
         for record in steps:  # the step's time split, as PPO logs it
             parts = [record[f"time_{part}_s"] for part in ("generation", "reward", "training")]
             assert all(part > 0 for part in parts) and sum(parts) == pytest.approx(record["time_step_s"])
+            assert 0 < record["time_scoring_s"] < record["time_training_s"]  # the reference pass, part of training
         assert metrics["seconds"]["step"] == pytest.approx(sum(r["time_step_s"] for r in steps), abs=0.2)
 
         val = sorted((out / "val_generations").glob("step_*.json"))

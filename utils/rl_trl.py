@@ -244,11 +244,12 @@ class RewardRecorder:
 class StepTimer(TrainerCallback):
     """Seconds per optimizer step split into generation (trl's _generate), reward (the reward functions) and
     training (the rest: log-probabilities, loss, backward, optimizer), added to each step's log record under the
-    same keys as PPO's (time_generation_s, time_reward_s, time_training_s, time_step_s). It must come before the
-    validation callback, so a step's time leaves validation out."""
+    same keys as PPO's (time_generation_s, time_reward_s, time_training_s, time_step_s), and the part of training
+    spent in no-grad scoring passes (the reference model's, RLOO's old policy's: time_scoring_s). It must come
+    before the validation callback, so a step's time leaves validation out."""
 
     def __init__(self):
-        self.parts = {"generation": 0.0, "reward": 0.0}
+        self.parts = {"generation": 0.0, "reward": 0.0, "scoring": 0.0}
         self.started = 0.0
         self.finished_step: dict | None = None
         self.steps: list[dict] = []
@@ -264,14 +265,27 @@ class StepTimer(TrainerCallback):
 
         return wrapper
 
+    def timed_scoring(self, function):
+        """function (trl's log-probability pass), its calls without grad timed as scoring."""
+        import torch
+
+        timed = self.timed(function, "scoring")
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            return (function if torch.is_grad_enabled() else timed)(*args, **kwargs)
+
+        return wrapper
+
     def on_step_begin(self, args, state, control, **kwargs):
-        self.parts = {"generation": 0.0, "reward": 0.0}
+        self.parts = {"generation": 0.0, "reward": 0.0, "scoring": 0.0}
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         total = time.perf_counter() - self.started
         self.finished_step = {"time_generation_s": self.parts["generation"], "time_reward_s": self.parts["reward"],
-                              "time_training_s": total - sum(self.parts.values()), "time_step_s": total}
+                              "time_training_s": total - self.parts["generation"] - self.parts["reward"],
+                              "time_scoring_s": self.parts["scoring"], "time_step_s": total}
         self.steps.append(self.finished_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -283,7 +297,7 @@ class StepTimer(TrainerCallback):
 
     def totals(self) -> dict:
         return {part: round(sum(step[f"time_{part}_s"] for step in self.steps), 1)
-                for part in ("generation", "reward", "training", "step")}
+                for part in ("generation", "reward", "training", "scoring", "step")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -674,6 +688,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
             serve_rollouts(trainer, policy_copy, tokenizer, rollout_settings(config, budget))
         score_shared_prompts(trainer)
         trainer._generate = timer.timed(trainer._generate, "generation")
+        trainer._get_per_token_logps_and_entropies = timer.timed_scoring(trainer._get_per_token_logps_and_entropies)
 
         if not resume_from:
             validation.run(trainer.model, 0)  # the SFT starting point: the new adapter is still zero

@@ -66,6 +66,27 @@ def test_controls_are_variants_the_driver_plans_with_their_methods_budget():
     assert {"grpo", "grpo_random", "grpo_format"} <= set(labels)  # 10 evaluates each, 11 compares them
 
 
+def test_the_budget_curve_is_planned_at_equal_budgets_per_step():
+    _, preset = preset_overrides("cpu")
+    names = "grpo,grpo_c512,grpo_dynamic_c512,grpo_c2048,grpo_random_c2048"
+    plan, resolver = plan_and_resolver(parse_methods(names), DriverSettings(
+        "configs/models/smollm2-135m.yaml", "curve", 42, False, preset=preset))
+    configs = {spec.stage.key: resolver.config(spec)["algorithm"] for spec in plan if spec.name.startswith("06_")}
+    assert set(configs) == set(names.split(","))
+    per_step = {key: config["prompts_per_step"] * config["num_generations"] for key, config in configs.items()}
+    assert set(per_step.values()) == {16}
+    completions = {key: config["steps"] * per_step[key] for key, config in configs.items()}
+    assert completions == {"grpo": 128, "grpo_c512": 512, "grpo_dynamic_c512": 512, "grpo_c2048": 2048,
+                           "grpo_random_c2048": 2048}
+    assert {key: config["eval_every_steps"] for key, config in configs.items()} == {
+        "grpo": 8, "grpo_c512": 8, "grpo_dynamic_c512": 8, "grpo_c2048": 32, "grpo_random_c2048": 32}
+    assert configs["grpo_random_c2048"]["reward_control"] == "shuffled" and configs["grpo_dynamic_c512"][
+        "dynamic_sampling"] and not configs["grpo_c2048"]["dynamic_sampling"]
+    same = ("max_completion_length", "learning_rate", "temperature", "beta")
+    assert len({tuple(config[key] for key in same) for config in configs.values()}) == 1
+    assert sum(spec.stage.key == "sft" for spec in plan) == 1  # one SFT for every point
+
+
 def test_ppo_stage_trains_on_shuffled_rewards(run_stage, monkeypatch):
     seen = []
     real = RewardCalculator.for_training

@@ -120,6 +120,14 @@ STAGES: dict[str, Stage] = {stage.key: stage for stage in (
             f"ckpt_{method}/final", **_RL, **_resumes(method), variant_of=method,
             overrides=("algorithm.dynamic_sampling=true",))
       for method, folder, script in (("grpo", "06_grpo", "06_train_grpo.py"), ("rloo", "07_rloo", "07_train_rloo.py"))),
+    # the budget curve (issue 34): GRPO at 4x and 16x the cpu preset's 8 steps x 16 completions (128), the same
+    # completions per step, validated 4 times on the way; the random control and dynamic sampling at those budgets
+    *(Stage(f"grpo{kind}_c{16 * steps}", f"06_grpo{kind}_c{16 * steps}", "06_train_grpo.py",
+            "configs/algorithms/grpo.yaml", "ckpt_grpo/final", **_RL, **_resumes("grpo"), variant_of="grpo",
+            overrides=(f"algorithm.steps={steps}", f"algorithm.eval_every_steps={steps // 4}", *extra))
+      for steps in (32, 128)
+      for kind, extra in (("", ()), ("_random", ("algorithm.reward_control=shuffled",)),
+                          ("_dynamic", ("algorithm.dynamic_sampling=true",)))),
 )}
 
 STAGE_FOLDERS = {key: stage.folder for key, stage in STAGES.items()}

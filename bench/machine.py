@@ -146,11 +146,15 @@ def write_result(path: str | Path, result: dict) -> None:
     print(json.dumps(result, indent=2))
 
 
-if __name__ == "__main__":  # python bench/machine.py [OUTPUT]: this machine's limits -> bench/results/machine.json
+if __name__ == "__main__":
+    import argparse
+
     sys.path.insert(0, str(REPO_ROOT))
     from utils.compute import cpu_bf16_flags
 
+    parser = argparse.ArgumentParser(description="This machine's matmul and copy speeds (2 torch threads).")
+    parser.add_argument("output", nargs="?", default=str(REPO_ROOT / "bench" / "results" / "machine.json"))
+    output = parser.parse_args().output
     torch.set_num_threads(2)
     flags = cpu_bf16_flags()
-    write_result(sys.argv[1] if len(sys.argv) > 1 else REPO_ROOT / "bench" / "results" / "machine.json",
-                 {"benchmark": "machine", "cpu_bf16_flags": flags, **measure_machine(bf16=bool(flags))})
+    write_result(output, {"benchmark": "machine", "cpu_bf16_flags": flags, **measure_machine(bf16=bool(flags))})

@@ -233,6 +233,15 @@ def test_stage_rejects_bad_input(run_stage, tmp_path, capsys, monkeypatch):
         assert "use algorithm.vllm_mode=colocate" in err and err.count("\n") == 1 and not out.exists()
     assert run_stage("06_train_grpo.py", "--quick_test", "--set", "algorithm.vllm_mode=remote") == 1
     assert "'algorithm.vllm_mode' must be one of colocate, server" in capsys.readouterr().err
+    # a trl whose private method (replaced by utils.rl_trl) takes other parameters: one error line, nothing written
+    import trl
+
+    monkeypatch.setattr(trl.RLOOTrainer, "_get_per_token_logps_and_entropies", lambda self, model, batch: None)
+    out = tmp_path / "changed_trl"
+    assert run_stage("07_train_rloo.py", "--quick_test", "--output_dir", str(out)) == 1
+    assert one_error(capsys, f"trl {trl.__version__}: RLOOTrainer._get_per_token_logps_and_entropies takes (self, "
+                             f"model, batch, ...); this stage replaces it")
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -96,6 +96,38 @@ class RLMethod:
     advantage_variance: bool = False  # write logs/advantage_variance.json (LOO vs REINFORCE on the same rollouts)
 
 
+# trl's private methods this module replaces or wraps on a trainer (serve_rollouts, score_shared_prompts,
+# DynamicSampler, StepTimer), with the leading parameters the replacements rely on, as trl 1.16.0 has them
+TRL_TESTED = "1.16.0"
+TRL_PRIVATE_METHODS = {
+    "_generate_single_turn": ("self", "prompt_ids"),
+    "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep",
+                                           "batch_size", "compute_entropy", "compute_aux_loss"),
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_generate": ("self", "prompts"),
+}
+
+
+def check_trl_private_methods(method: RLMethod) -> None:
+    """A ConfigError naming the method and trl's version where a private method this module replaces is missing or
+    takes other leading parameters than trl 1.16.0's (a replacement would then compute something else); a warning
+    where only the version differs."""
+    import trl
+
+    trainer_class = getattr(trl, method.trainer_class)
+    for name, expected in TRL_PRIVATE_METHODS.items():
+        function = getattr(trainer_class, name, None)
+        found = tuple(inspect.signature(function).parameters)[:len(expected)] if callable(function) else None
+        if found != expected:
+            shown = "is missing" if found is None else f"takes ({', '.join(found)}, ...)"
+            raise ConfigError(f"trl {trl.__version__}: {method.trainer_class}.{name} {shown}; this stage replaces it "
+                              f"and is written against trl {TRL_TESTED}, where it takes ({', '.join(expected)}, ...): "
+                              f"install trl=={TRL_TESTED} (requirements.txt)")
+    if trl.__version__ != TRL_TESTED:
+        log.warning("trl %s: this stage replaces private methods of %s written against trl %s (their parameters "
+                    "match)", trl.__version__, method.trainer_class, TRL_TESTED)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # advantage estimators (on the rewards of one step, grouped by prompt)
 
@@ -638,6 +670,7 @@ def run_stage(method: RLMethod, args, config: dict) -> int:
     setup_logging()
     device = configure_torch(config)
     require_vllm_if_asked(algo)
+    check_trl_private_methods(method)
     if algo["dynamic_sampling"] and processes.several():
         raise ConfigError("algorithm.dynamic_sampling: runs on one process (each process holds only its share of "
                           "a step's groups); run the stage without a launcher or set algorithm.dynamic_sampling=false")

@@ -82,6 +82,8 @@ def main() -> None:
         if not name or "=" not in overrides:
             parser.error(f"--variant {variant}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
         variants[name] = [item for override in overrides.split(",") for item in ("--set", override)]
+    if args.vllm:
+        variants = {"vllm": ["--set", "algorithm.use_vllm=true"], **variants}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results: dict = {}
     for method in methods:  # the runs of one method back to back: the machine's state is comparable
@@ -92,15 +94,10 @@ def main() -> None:
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         results[method].update({dtype: run_method(method, dtype, args.steps, args.policy_ckpt, extra)
                                 for dtype in dtypes})
-        if args.vllm and method != "ppo":
-            for dtype in dtypes:
-                results[method][f"{dtype}_vllm"] = run_method(method, dtype, args.steps, args.policy_ckpt,
-                                                              [*extra, "--set", "algorithm.use_vllm=true"],
-                                                              name=f"{dtype}_vllm")
-                results[method][f"speedup_vllm_{dtype}"] = speedup(results[method][dtype]["mean_seconds"],
-                                                                    results[method][f"{dtype}_vllm"]["mean_seconds"])
         for dtype in dtypes:
             for name, overrides in variants.items():
+                if method == "ppo" and "algorithm.use_vllm=true" in overrides:
+                    continue  # PPO's rollouts have no vLLM path
                 run = results[method][f"{dtype}_{name}"] = run_method(
                     method, dtype, args.steps, args.policy_ckpt, [*extra, *overrides], name=f"{dtype}_{name}")
                 results[method][f"speedup_{name}_{dtype}"] = speedup(results[method][dtype]["mean_seconds"],
